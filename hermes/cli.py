@@ -1,0 +1,75 @@
+"""The ``hermes`` command: one subcommand per pipeline stage.
+
+Each subcommand lives in the module of its stage and exposes two functions,
+``add_arguments(parser)`` and ``run(args) -> int``. This file only maps names to modules so
+that stages stay independent and ``hermes --help`` stays fast (modules import lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from hermes import __version__
+
+# name -> (module, one-line help), in pipeline order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("hermes.demo", "Generate the synthetic cohort, train one universal model, evaluate it."),
+    "cohort": ("hermes.synthetic.cli", "Generate the built-in synthetic multi-dataset cohort."),
+    "catalog": ("hermes.data.catalog_cli", "Show/validate a catalog: the task x dataset table."),
+    "prepare": ("hermes.data.prepare_cli", "Preprocess the datasets of a catalog into a cache."),
+    "train": ("hermes.training.cli", "Train a universal (or per-dataset) model from a YAML config."),
+    "predict": ("hermes.inference.cli", "Segment images with a trained model."),
+    "evaluate": ("hermes.evaluation.cli", "Score predictions (Dice, HD95, NSD) and write reports."),
+    "finetune": ("hermes.adaptation.finetune_cli", "Transfer a trained universal model to a new dataset."),
+    "extend": ("hermes.adaptation.extend_cli", "Add tasks to a model without forgetting the old ones."),
+    "priors": ("hermes.adaptation.priors_cli", "Plot the similarity of the learned context priors."),
+}
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hermes",
+        description="Universal 3D medical image segmentation with context priors (Hermes).",
+    )
+    parser.add_argument("--version", action="version", version=f"hermes {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        if not _available(module_name):
+            continue
+        module = importlib.import_module(module_name)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    from hermes.errors import HermesError
+
+    try:
+        return int(args._run(args) or 0)
+    except HermesError as error:
+        print(f"hermes {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hermes {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

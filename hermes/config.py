@@ -1,0 +1,338 @@
+"""Every configurable value of Hermes, with its default, in one place.
+
+YAML files are validated into these typed objects (pydantic, ``extra="forbid"``): an unknown or
+misspelt key is an error naming the key and the file, raised before any work starts. Stages
+receive the typed section they need (``TrainConfig.data``, ``TrainConfig.model``...), never raw
+dicts.
+
+Presets (``hermes/configs/*.yaml``) only override values; they never introduce defaults of
+their own, so reading this file tells you what an unset key means.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hermes.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class Strict(BaseModel):
+    """Base of all config sections: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing (used by `hermes prepare`, stored in the cache and in every saved model so that
+# `hermes predict` applies exactly the training-time preprocessing).
+# --------------------------------------------------------------------------------------------
+class PreprocessConfig(Strict):
+    # Target voxel spacing in mm (x, y, z after reorientation to RAS). None: per dataset, the
+    # median spacing of its training cases (nnU-Net's choice), made isotropic when the
+    # anisotropy ratio is below `isotropic_below_ratio`.
+    target_spacing: list[float] | None = None
+    isotropic_below_ratio: float = 3.0
+    # CT: clip to this HU window, then z-score with the dataset's foreground statistics.
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    # MR/other: clip to these per-volume percentiles, then per-volume z-score.
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    mr_zscore_in_body: bool = False
+    # PET: divide by this SUV-like scale (per-volume percentile of the body) then log1p.
+    pet_percentile: float = 99.5
+    # Crop to the non-zero body region (never to the labels: that would leak the answer).
+    crop_to_body: bool = True
+    body_threshold_ct: float = -500.0
+    # What to do with a case that fails validation: "error" stops, "skip" logs and goes on.
+    on_bad_case: Literal["error", "skip"] = "error"
+    workers: int = 2
+    image_dtype: Literal["float32", "float16"] = "float32"
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _three_positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 3 or min(value) <= 0):
+            raise ValueError("target_spacing needs three positive numbers (mm)")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+Architecture = Literal[
+    "hermes_resunet",  # Hermes-R: residual U-Net + context priors
+    "hermes_medformer",  # Hermes-M: MedFormer-style hybrid + context priors
+    "resunet",  # traditional baseline: same backbone, one output channel per own class
+    "medformer",
+    "dynunet",  # MONAI DynUNet (nnU-Net-like) adapter
+    "swinunetr",  # MONAI SwinUNETR adapter
+]
+FusionStage = Literal["enc2", "enc3", "bottleneck", "dec1", "dec2"]
+
+
+class ModelConfig(Strict):
+    architecture: Architecture = "hermes_resunet"
+    # Named size: tiny (CPU tests/demo), small, base (the paper: widths 32..320, ~61M params).
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    in_channels: int = 1
+    # Optional overrides of the preset (None keeps the preset's value).
+    widths: list[int] | None = None
+    blocks_per_stage: list[int] | None = None
+    # Per down-sampling step, stride per axis, e.g. [[2,2,1],[2,2,2],...] for anisotropic data.
+    downsample: list[list[int]] | None = None
+    norm: Literal["instance", "batch", "group"] = "instance"
+    # --- Hermes context priors (ignored by the traditional architectures) ---
+    fusion_stages: list[FusionStage] = Field(
+        default_factory=lambda: ["enc2", "enc3", "bottleneck", "dec1", "dec2"]
+    )
+    # Fusion blocks per stage, same order as `fusion_stages`; None: the preset's (paper 2/2/4/2/2).
+    fusion_blocks: list[int] | None = None
+    modality_priors: bool = True  # ablation: False drops the modality pool and head
+    modality_tokens: int = 10  # tokens per modality (paper: 10)
+    multiscale_prototypes: bool = True  # ablation: False uses only the last stage's posteriors
+    prototype_dim: int | None = None  # None: the final decoder width
+    attention_head_dim: int = 32  # paper: dim_head 32, heads = width / 32
+    deep_supervision: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.fusion_blocks is not None and len(self.fusion_blocks) != len(self.fusion_stages):
+            raise ValueError("fusion_blocks must have one entry per fusion stage")
+        if len(set(self.fusion_stages)) != len(self.fusion_stages):
+            raise ValueError("fusion_stages has duplicates")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Data: sampling and augmentation (training time)
+# --------------------------------------------------------------------------------------------
+class AugmentConfig(Strict):
+    enabled: bool = True
+    # Spatial (one affine per sample, applied to image and labels together).
+    spatial_prob: float = 0.5
+    rotation_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.85, 1.25)
+    elastic: bool = False
+    mirror_axes: list[int] = Field(default_factory=list)  # none by default: left/right matters
+    # Intensity: probability of each transform, per modality family ("default" for the rest).
+    intensity_prob: dict[str, float] = Field(default_factory=lambda: {"default": 0.15, "mr": 0.2})
+    noise_std: tuple[float, float] = (0.0, 0.1)
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    brightness: tuple[float, float] = (0.75, 1.25)
+    contrast: tuple[float, float] = (0.75, 1.25)
+    gamma: tuple[float, float] = (0.7, 1.5)
+    low_resolution: tuple[float, float] = (1.0, 2.0)  # zoom-out factor of simulated low-res
+
+
+class DataConfig(Strict):
+    patch_size: list[int] = Field(default_factory=lambda: [64, 64, 64])
+    batch_size: int = 2
+    # Share of patches centred on a voxel of a randomly chosen labelled class.
+    foreground_fraction: float = 0.5
+    # Default dataset weights: n_cases ** sampling_power (0: uniform over datasets,
+    # 1: uniform over cases). Explicit `dataset_weights` override per dataset name.
+    sampling_power: float = 0.5
+    dataset_weights: dict[str, float] | None = None
+    num_workers: int = 2
+    # Cases held out from each dataset's training split for validation during training.
+    val_fraction: float = 0.1
+    val_min_cases: int = 1
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, value: list[int]) -> list[int]:
+        if len(value) != 3 or min(value) < 8:
+            raise ValueError("patch_size needs three sizes of at least 8 voxels")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+class OptimConfig(Strict):
+    name: Literal["lamb", "adamw", "sgd"] = "lamb"
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    momentum: float = 0.99  # sgd (nesterov)
+    grad_clip: float | None = 1.0  # global gradient-norm clip (paper: 1.0)
+    warmup_steps: int = 50
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = 0.9
+    min_lr_ratio: float = 0.0
+
+
+class LossConfig(Strict):
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    modality_weight: float = 0.01  # paper: 0.01; ignored for the unknown modality
+    deep_supervision_weights: list[float] | None = None  # None: halve per level
+
+
+class MedContextConfig(Strict):
+    """MedContext (Gani et al. 2024): masked student pass + EMA teacher consistency."""
+
+    enabled: bool = False
+    mask_ratio: float = 0.6
+    mask_patch: list[int] = Field(default_factory=lambda: [16, 16, 16])
+    mask_value: float = 0.0  # in normalised intensity units (0 = the volume's mean)
+    consistency_weight: float = 1.0
+    consistency_rampup_steps: int = 0
+    masked_supervision_weight: float = 1.0
+    teacher_momentum: float = 0.996
+    # Tasks (names or unambiguous short names) excluded from supervision inside masked
+    # regions, e.g. lesions that context cannot predict.
+    exclude_tasks: list[str] = Field(default_factory=list)
+    # True: the teacher is the validation EMA (one copy of the weights less, but then the EMA
+    # decay follows `teacher_momentum`); False: a separate teacher copy.
+    reuse_validation_ema: bool = False
+
+
+class ValidationConfig(Strict):
+    every_steps: int = 200
+    mode: Literal["patch", "full"] = "full"
+    max_cases_per_dataset: int = 4
+    overlap: float = 0.25
+
+
+class TrainConfig(Strict):
+    catalog: Path
+    cache: Path
+    output: Path
+    paradigm: Literal["universal", "traditional"] = "universal"
+    dataset: str | None = None  # traditional: the one dataset to train on
+    seed: int = 0
+    steps: int = 2000
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    deterministic: bool = False
+    ema_decay: float = 0.99
+    checkpoint_every: int = 200
+    log_every: int = 10
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    medcontext: MedContextConfig = Field(default_factory=MedContextConfig)
+
+    @model_validator(mode="after")
+    def _paradigm(self) -> TrainConfig:
+        if self.paradigm == "traditional" and not self.dataset:
+            raise ValueError("paradigm 'traditional' needs `dataset` (the one dataset to train on)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Inference and evaluation
+# --------------------------------------------------------------------------------------------
+class InferenceConfig(Strict):
+    overlap: float = 0.5
+    window_batch_size: int = 2
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    mirror_tta: bool = False
+    threshold: float = 0.5
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Overlapping task masks in the multi-label output: the most probable task wins.
+    output: Literal["multilabel", "binary"] = "multilabel"
+
+
+class EvaluationConfig(Strict):
+    nsd_tolerance_mm: float = 2.0
+    hd_percentile: float = 95.0
+    bootstrap_samples: int = 1000
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see hermes/config.py for valid keys)"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning parse errors into a :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def validate(model_type: type[SectionT], data: dict[str, Any], source: str = "<dict>") -> SectionT:
+    """Validate a dict into a config object; errors name the key and the source."""
+    try:
+        return model_type.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `override` into a copy of `base` (mappings merge, other values replace)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    return read_yaml(path)
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load a training config. A top-level ``preset: NAME`` key starts from that preset.
+
+    Relative paths (catalog, cache, output) are resolved against the config file's folder, so
+    a config and its catalog can be moved together.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    preset = data.pop("preset", None)
+    if preset is not None:
+        data = deep_merge(load_preset(str(preset)), data)
+    if overrides:
+        data = deep_merge(data, overrides)
+    for key in ("catalog", "cache", "output"):
+        if key in data and data[key] is not None and not Path(str(data[key])).is_absolute():
+            data[key] = str((path.parent / str(data[key])).resolve())
+    return validate(TrainConfig, data, str(path))
+
+
+def dump_config(config: BaseModel) -> str:
+    """YAML text of a config object (paths as strings), for saving next to a model."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,29 @@
+"""Shared fixtures. Each stage's tests live in their own files; only cross-stage fixtures here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REALMINI = Path(os.environ.get("HERMES_REALMINI", REPO_ROOT.parent / "shared" / "data" / "realmini"))
+
+
+@pytest.fixture(scope="session")
+def realmini_root() -> Path:
+    """The real mini datasets (read-only, outside the repo); tests using it skip without it."""
+    if not (REALMINI / "README.md").is_file():
+        pytest.skip(f"realmini data not found at {REALMINI}")
+    return REALMINI
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic cohort (all datasets, few cases, small volumes), generated once per run."""
+    from hermes.synthetic import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, seed=0, scale=0.5, cases=3)
+    return out
