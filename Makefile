@@ -14,6 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# nnU-Net v2, only for its dataset integrity check in the tests. Its dependency
+	# dynamic-network-architectures requires timm -> torchvision -> a CUDA torch build, so
+	# its other dependencies are installed explicitly and these two without dependencies.
+	$(BIN)/pip install -q acvl-utils batchgenerators batchgeneratorsv2 blosc2 einops graphviz \
+		imagecodecs pandas requests scikit-image scikit-learn seaborn tifffile yacs
+	$(BIN)/pip install -q --no-deps nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
+	$(BIN)/python -c "import torch; assert '+cpu' in torch.__version__ or torch.cuda.is_available(), torch.__version__"
 	touch $(STAMP)
 
 demo: $(STAMP)
