@@ -180,19 +180,29 @@ class MedContextConfig(Strict):
     """MedContext (Gani et al. 2024): masked student pass + EMA teacher consistency."""
 
     enabled: bool = False
-    mask_ratio: float = 0.6
+    # Fraction of mask cells hidden per sample (exactly round(ratio * cells), half up).
+    mask_ratio: float = Field(default=0.6, ge=0.0, le=1.0)
+    # Mask cell size in voxels (x, y, z); the cell grid gets a random offset per sample.
     mask_patch: list[int] = Field(default_factory=lambda: [16, 16, 16])
-    mask_value: float = 0.0  # in normalised intensity units (0 = the volume's mean)
-    consistency_weight: float = 1.0
-    consistency_rampup_steps: int = 0
-    masked_supervision_weight: float = 1.0
-    teacher_momentum: float = 0.996
+    mask_value: float = 0.0  # in normalised intensity units (0 = the z-score mean; see docs/medcontext.md)
+    consistency_weight: float = Field(default=1.0, ge=0.0)
+    consistency_rampup_steps: int = Field(default=0, ge=0)  # linear 0 -> weight; 0: no ramp
+    masked_supervision_weight: float = Field(default=1.0, ge=0.0)
+    # Separate teacher: momentum min(1 - 1/(step+1), teacher_momentum) per optimiser step.
+    teacher_momentum: float = Field(default=0.996, ge=0.0, le=1.0)
     # Tasks (names or unambiguous short names) excluded from supervision inside masked
-    # regions, e.g. lesions that context cannot predict.
+    # regions, e.g. lesions that context cannot predict (also from consistency there).
     exclude_tasks: list[str] = Field(default_factory=list)
-    # True: the teacher is the validation EMA (one copy of the weights less, but then the EMA
-    # decay follows `teacher_momentum`); False: a separate teacher copy.
+    # True: the teacher is the validation EMA (one copy of the weights less; its decay is then
+    # `ema_decay` and `teacher_momentum` is unused); False: a separate teacher copy.
     reuse_validation_ema: bool = False
+
+    @field_validator("mask_patch")
+    @classmethod
+    def _mask_patch(cls, value: list[int]) -> list[int]:
+        if len(value) != 3 or min(value) < 1:
+            raise ValueError("mask_patch needs three positive voxel counts")
+        return value
 
 
 class ValidationConfig(Strict):
@@ -249,6 +259,91 @@ class EvaluationConfig(Strict):
     hd_percentile: float = 95.0
     bootstrap_samples: int = 1000
     seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Adaptation: transfer (`hermes finetune`) and incremental learning (`hermes extend`)
+# --------------------------------------------------------------------------------------------
+TokenInit = Literal["mean", "random", "copy"]
+
+
+class WarmStartConfig(Strict):
+    """How the rows added to the prior pools (new tasks, new modalities) start.
+
+    Old rows are copied bit-exactly. ``mean``: the mean of the old pool's real rows (a neutral
+    "some structure" token); ``random``: the fresh initialisation of a new model; ``copy``: the
+    row of the existing task/modality named in ``task_from``/``modality_from`` (mandatory for
+    every new name then). ``task_from`` entries also override ``task_init`` per task, e.g.
+    ``{"NewLiverSet/tumor": "Dataset103_LiverCT/tumor"}``.
+    """
+
+    task_init: TokenInit = "mean"
+    task_from: dict[str, str] = Field(default_factory=dict)
+    modality_init: TokenInit = "mean"
+    modality_from: dict[str, str] = Field(default_factory=dict)
+
+
+class AdaptationConfig(Strict):
+    """Shared by finetune and extend: start from a trained model, train on new data.
+
+    ``catalog`` describes the NEW data (its datasets, their labels and tasks); it is merged with
+    the base model's catalog: tasks with a name the model knows keep their token, others get
+    new rows. ``cache`` is that catalog's `hermes prepare` output. The model architecture is the
+    base model's; the data/optim/loss sections default to values suited to short adaptation.
+    """
+
+    base_model: Path
+    catalog: Path
+    cache: Path
+    output: Path
+    # Datasets of `catalog` to train on (None: all of them).
+    datasets: list[str] | None = None
+    seed: int = 0
+    steps: int = 300
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    ema_decay: float = 0.99
+    log_every: int = 10
+    # "backbone": only the prior pools, fusion blocks and heads train (the convolutional
+    # encoder/decoder keep the base model's weights); "none": everything trains.
+    freeze: Literal["none", "backbone"] = "none"
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    # None: the base model's training-time data settings (patch size, augmentation...).
+    data: DataConfig | None = None
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+
+class FinetuneConfig(AdaptationConfig):
+    """`hermes finetune`: transfer to new data; the old tasks are not protected."""
+
+
+class ExtendConfig(AdaptationConfig):
+    """`hermes extend`: add tasks while keeping the old ones (rehearsal, distillation, gate)."""
+
+    # None: replace `base_model` in place (only if the forgetting gate passes).
+    output: Path | None = None  # type: ignore[assignment]
+    # Cache of the base model's own datasets (its `hermes prepare` output): the rehearsal
+    # buffer comes from its training cases. None disables rehearsal.
+    old_cache: Path | None = None
+    rehearsal_cases: int = 4  # per old dataset, drawn once (seeded) from its training split
+    rehearsal_batch: int = 1  # old samples appended to every batch of new samples
+    # Distillation: the frozen base model's sigmoid outputs on the new images, for the old
+    # tasks of one old dataset with the same modality (its task list, as in training).
+    distill_weight: float = 1.0
+    distill_loss: Literal["mse", "bce"] = "mse"
+    # Forgetting gate: the old tasks are evaluated on their test sets before and after; if any
+    # old task's mean Dice drops by more than this (Dice points, 0-100) the model is not
+    # overwritten (the new one is written alongside as `<output>.rejected`).
+    forgetting_tolerance: float = 2.0
+    # Old datasets evaluated by the gate (None: every base-model dataset with test cases).
+    gate_datasets: list[str] | None = None
+    gate_max_cases: int | None = None  # per dataset; None: all test cases
+
+    @model_validator(mode="after")
+    def _protect(self) -> ExtendConfig:
+        if self.rehearsal_cases < 0 or self.rehearsal_batch < 0 or self.distill_weight < 0:
+            raise ValueError("rehearsal_cases, rehearsal_batch and distill_weight must be >= 0")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
