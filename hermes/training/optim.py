@@ -1,0 +1,193 @@
+"""Optimisers (LAMB, AdamW, SGD), global gradient-norm clipping and the per-step LR schedule.
+
+The paper trains with apex ``FusedLAMB`` (CUDA-only) at lr 2e-3, weight decay 1e-5 on every
+parameter and a global gradient-norm clip at 1.0. ``timm.optim.Lamb`` is the usual pure-PyTorch
+substitute, but timm imports torchvision, which has no build compatible with our pinned CPU
+torch, so :class:`Lamb` below re-implements it (You et al. 2019, "Large Batch Optimization for
+Deep Learning", NVLAMB variant) with timm's defaults and update rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from hermes.config import OptimConfig
+
+
+class Lamb(Optimizer):
+    """LAMB: Adam moments, then a per-tensor trust ratio ``||w|| / ||update||``.
+
+    Per step t (per parameter tensor w with gradient g)::
+
+        g     <- g / max(1, ||G||_2 / max_grad_norm)      # global norm over all tensors (optional)
+        m     <- beta1 m + (1 - beta1) g                  # grad_averaging=True
+        v     <- beta2 v + (1 - beta2) g^2
+        u     <- (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)   # bias correction
+        u     <- u + weight_decay * w                     # decoupled from the moments (AdamW-style,
+                                                          # apex adam_w_mode=True), inside the ratio
+        r     <- ||w|| / ||u||   (1 when either norm is 0; clamped to <= 1 with trust_clip)
+        w     <- w - lr * r * u
+
+    The trust ratio is applied only to tensors with weight decay (or all with ``always_adapt``),
+    exactly as timm does. Defaults match ``timm.optim.Lamb``: betas (0.9, 0.999), eps 1e-6,
+    weight_decay 0.01, max_grad_norm 1.0. The trainer clips gradients itself (for every
+    optimiser, after AMP unscaling) and builds Lamb with ``max_grad_norm=None``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        grad_averaging: bool = True,
+        max_grad_norm: float | None = 1.0,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("Lamb: lr, eps and weight_decay must be non-negative")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "bias_correction": bias_correction,
+            "grad_averaging": grad_averaging,
+            "trust_clip": trust_clip,
+            "always_adapt": always_adapt,
+            "step": 0,
+        }
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+
+    def _global_clip_divisor(self) -> Tensor | None:
+        if self.max_grad_norm is None:
+            return None
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return None
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        return (norm / self.max_grad_norm).clamp(min=1.0)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        divisor = self._global_clip_divisor()
+        for group in self.param_groups:
+            group["step"] += 1
+            step = group["step"]
+            beta1, beta2 = group["betas"]
+            beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
+            if group["bias_correction"]:
+                bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
+            else:
+                bc1, bc2 = 1.0, 1.0
+            weight_decay = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad if divisor is None else p.grad / divisor.to(p.grad.device)
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(grad, alpha=beta3)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
+                update = (exp_avg / bc1).div_(denom)
+                if weight_decay != 0:
+                    update.add_(p, alpha=weight_decay)
+                if weight_decay != 0 or group["always_adapt"]:
+                    w_norm = p.norm(2.0)
+                    u_norm = update.norm(2.0)
+                    one = torch.ones_like(w_norm)
+                    ratio = torch.where(w_norm > 0, torch.where(u_norm > 0, w_norm / u_norm, one), one)
+                    if group["trust_clip"]:
+                        ratio = ratio.clamp(max=1.0)
+                    update.mul_(ratio)
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> Optimizer:
+    """The configured optimiser over every trainable parameter.
+
+    Weight decay applies to every parameter, priors and norms included, as in the paper (its
+    value, 1e-5, is too small for the usual no-decay-on-norms exception to matter).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.name == "lamb":
+        return Lamb(
+            params,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            max_grad_norm=None,  # clipped by the trainer (clip_gradients), after AMP unscaling
+        )
+    if config.name == "adamw":
+        return torch.optim.AdamW(
+            params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        )
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
+    )
+
+
+def clip_gradients(parameters: Iterable[Tensor], max_norm: float | None) -> float:
+    """Clip the global gradient norm to ``max_norm`` (None: no clipping); return the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    return float(norm)
+
+
+def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:
+    """Multiplier of the base LR at optimiser step ``step`` (0-based) of a ``total_steps`` run.
+
+    Warm-up over ``warmup_steps`` (linear, or the reference's exponential ramp), then poly
+    ``(1 - progress)^power``, cosine, or constant decay towards ``min_lr_ratio``. Past
+    ``total_steps`` the factor stays at its final value.
+    """
+    warm = config.warmup_steps
+    if step < warm:
+        if config.warmup == "exp":
+            return math.exp(10.0 * (step / warm - 1.0))
+        return (step + 1) / warm
+    progress = min(max(step - warm, 0) / max(total_steps - warm, 1), 1.0)
+    if config.schedule == "poly":
+        decay = (1.0 - progress) ** config.poly_power
+    elif config.schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
+
+
+def build_scheduler(optimizer: Optimizer, config: OptimConfig, total_steps: int) -> LambdaLR:
+    """Per-step LambdaLR following :func:`lr_factor`; call ``scheduler.step()`` after every
+    optimiser step. ``total_steps`` is the planned run length (``--extend-steps`` re-plans it)."""
+    return LambdaLR(optimizer, lambda step: lr_factor(step, config, total_steps))
+
+
+def set_schedule_position(scheduler: LambdaLR, step: int) -> None:
+    """Put the scheduler (and the optimiser's LRs) at ``step``: used after resuming, so that a
+    re-planned horizon (``--extend-steps``) takes effect from the very next step."""
+    scheduler.last_epoch = step
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
