@@ -1,0 +1,513 @@
+"""The preprocessed cache: planning, parallel resumable ``hermes prepare``, and reading cases.
+
+Layout (docs/architecture.md)::
+
+    CACHE/cache.json                     catalog snapshot, per-dataset plans, case lists, skips
+    CACHE/<dataset>/<case_id>/image.npy  (C, X, Y, Z) float32|float16, memory-mappable
+    CACHE/<dataset>/<case_id>/label.npy  (X, Y, Z) uint8|uint16, original label values
+    CACHE/<dataset>/<case_id>/fg.npy     (N, 4) int32 rows (label value, x, y, z): a sample of
+                                         each label's voxels, for foreground oversampling
+    CACHE/<dataset>/<case_id>/meta.json  geometry, sources, plan digest (see preprocess.py)
+    CACHE/.state/                        per-case fingerprints and bad-case records (resuming)
+
+Two passes. The *fingerprint* pass reads headers (spacing) and, for CT training images, the
+voxel statistics that the CT normalisation pools; its per-case results are kept in
+``.state`` so a re-run only reads what changed. The *case* pass writes each case directory
+atomically (temp dir + rename), so a killed run leaves only complete cases; a case is redone
+only if its source files (size + mtime) or its dataset's plan changed. Nothing in the cache
+depends on time or on the order in which workers finish, so an interrupted-then-resumed run
+gives the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import shutil
+import statistics
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from nibabel import orientations as nio
+
+from hermes.config import PreprocessConfig
+from hermes.data.catalog import Catalog, DatasetEntry
+from hermes.data.normalization import ChannelNorm, body_mask, ct_statistics, pool_ct_statistics
+from hermes.data.preprocess import PreprocessPlan, preprocess_case
+from hermes.errors import DataError, HermesError
+from hermes.fileio import atomic_directory, atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+# Foreground voxels kept per label value and case (nnU-Net keeps 10k): enough to centre
+# patches anywhere in a structure, small enough to load instantly.
+MAX_FOREGROUND_VOXELS = 10_000
+STATE_DIR = ".state"
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs (top-level functions: they run in worker processes)
+# --------------------------------------------------------------------------------------------
+def _signature(paths: Iterable[Path | None]) -> list[list[Any]]:
+    """Cheap change detector of source files: name, size and modification time."""
+    out: list[list[Any]] = []
+    for path in paths:
+        if path is None:
+            continue
+        stat = path.stat()
+        out.append([str(path), int(stat.st_size), int(stat.st_mtime_ns)])
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    if path.is_dir():  # a DICOM series folder
+        for item in sorted(path.iterdir()):
+            if item.is_file():
+                digest.update(item.name.encode())
+                digest.update(item.read_bytes())
+        return digest.hexdigest()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Header spacing in RAS order, and pooled-CT sums for CT training images."""
+    from hermes.data.imageio import load_header, load_image
+
+    result: dict[str, Any] = {"key": job["key"], "signature": job["signature"], "params": job["params"]}
+    try:
+        header = load_header(job["image_paths"][0])
+        ornt = nio.io_orientation(header.affine)
+        spacing_ras = [0.0, 0.0, 0.0]
+        shape_ras = [0, 0, 0]
+        for axis, (target, _flip) in enumerate(ornt):
+            spacing_ras[int(target)] = float(header.spacing[axis])
+            shape_ras[int(target)] = int(header.shape[axis])
+        result.update(spacing_ras=spacing_ras, shape_ras=shape_ras, ct=[])
+        window = tuple(job["params"]["ct_window"])
+        for channel, path in zip(job["ct_channels"], job["image_paths"]):
+            if not channel:
+                result["ct"].append(None)
+                continue
+            array = np.asarray(load_image(path).array, dtype=np.float32)
+            mask = body_mask(array, "ct", job["params"]["body_threshold_ct"])
+            result["ct"].append(ct_statistics(array, mask, window))  # type: ignore[arg-type]
+    except HermesError as error:
+        result["error"] = str(error)
+    return result
+
+
+def _case_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Preprocess one case and write its directory atomically."""
+    dataset, case_id = job["dataset"], job["case_id"]
+    result = {"dataset": dataset, "case_id": case_id, "status": "ok", "reason": ""}
+    plan = PreprocessPlan.from_dict(job["plan"])
+    image_paths = [Path(p) for p in job["image_paths"]]
+    label_path = Path(job["label_path"]) if job["label_path"] else None
+    try:
+        image, label, meta = preprocess_case(image_paths, label_path, plan, set(job["allowed_labels"]))
+    except HermesError as error:
+        result.update(status="bad", reason=str(error))
+        return result
+    meta = {
+        "dataset": dataset,
+        "case_id": case_id,
+        "split": job["split"],
+        "source_signature": job["signature"],
+        "sources": [{"path": str(p), "sha256": _sha256(p)} for p in image_paths],
+        "label_source": {"path": str(label_path), "sha256": _sha256(label_path)} if label_path else None,
+        **meta,
+    }
+    fg = None
+    if label is not None:
+        values, counts = np.unique(label, return_counts=True)
+        meta["labels_present"] = {str(int(v)): int(c) for v, c in zip(values, counts) if v != 0}
+        fg = _foreground_sample(label, case_id)
+    else:
+        meta["labels_present"] = None
+    target = Path(job["out"]) / dataset / case_id
+    with atomic_directory(target, overwrite=True) as tmp:
+        atomic_write(tmp / "image.npy", lambda f: np.save(f, image, allow_pickle=False))
+        if label is not None:
+            atomic_write(tmp / "label.npy", lambda f: np.save(f, label, allow_pickle=False))
+            atomic_write(tmp / "fg.npy", lambda f: np.save(f, fg, allow_pickle=False))
+        atomic_write_json(tmp / "meta.json", meta)
+    return result
+
+
+def _foreground_sample(label: np.ndarray, case_id: str) -> np.ndarray:
+    """Up to MAX_FOREGROUND_VOXELS voxel positions per label value, seeded by the case id."""
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    rows = []
+    for value in np.unique(label):
+        if value == 0:
+            continue
+        coords = np.argwhere(label == value)
+        if len(coords) > MAX_FOREGROUND_VOXELS:
+            coords = coords[np.sort(rng.choice(len(coords), MAX_FOREGROUND_VOXELS, replace=False))]
+        rows.append(np.concatenate([np.full((len(coords), 1), int(value)), coords], axis=1))
+    if not rows:
+        return np.zeros((0, 4), dtype=np.int32)
+    return np.concatenate(rows).astype(np.int32)
+
+
+def _init_worker() -> None:
+    import torch
+
+    # Workers already run in parallel; intra-op threads would oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+def channel_families(entry: DatasetEntry, catalog: Catalog) -> list[str]:
+    """Normalisation family per channel: the dataset's modality for a single channel, the
+    channel's own name otherwise (a PET/CT dataset normalises its CT and PET differently)."""
+    if entry.num_channels == 1:
+        return [entry.family]
+    return [catalog.vocabulary.family(name) for name in entry.channel_names]
+
+
+def median_spacing(spacings: list[list[float]], config: PreprocessConfig) -> tuple[float, float, float]:
+    """Per-axis median spacing; made isotropic (same voxel volume) when anisotropy is small.
+
+    The isotropic spacing is the geometric mean of the three medians: it keeps the number of
+    voxels, unlike the finest (memory blow-up) or the coarsest (detail loss) axis.
+    """
+    if config.target_spacing is not None:
+        return tuple(float(s) for s in config.target_spacing)  # type: ignore[return-value]
+    med = [float(statistics.median(axis)) for axis in zip(*spacings)]
+    if max(med) / min(med) < config.isotropic_below_ratio:
+        iso = round(float(np.prod(med)) ** (1.0 / 3.0), 4)
+        return (iso, iso, iso)
+    return tuple(round(s, 4) for s in med)  # type: ignore[return-value]
+
+
+def make_plans(catalog: Catalog, fingerprints: dict[tuple[str, str], dict[str, Any]]) -> dict[str, PreprocessPlan]:
+    config = catalog.preprocessing
+    ct_stats = [
+        stats
+        for (dataset, _case), fp in sorted(fingerprints.items())
+        if not catalog.dataset(dataset).test_only and fp.get("split") == "train"
+        for stats in fp.get("ct") or []
+        if stats is not None
+    ]
+    ct_mean, ct_std = pool_ct_statistics(ct_stats, config.ct_window)
+    plans: dict[str, PreprocessPlan] = {}
+    for entry in catalog.datasets:
+        fps = [fp for (d, _), fp in sorted(fingerprints.items()) if d == entry.name and "error" not in fp]
+        usable = [fp for fp in fps if fp["split"] == "train"] or fps
+        if not usable:
+            continue
+        spacing = median_spacing([fp["spacing_ras"] for fp in usable], config)
+        norms = tuple(
+            ChannelNorm(
+                family=family,
+                ct_window=tuple(config.ct_window),
+                ct_mean=ct_mean,
+                ct_std=ct_std,
+                mr_percentiles=tuple(config.mr_percentiles),
+                mr_zscore_in_body=config.mr_zscore_in_body,
+                pet_percentile=config.pet_percentile,
+            )
+            for family in channel_families(entry, catalog)
+        )
+        plans[entry.name] = PreprocessPlan(
+            dataset=entry.name,
+            modality=entry.modality,
+            target_spacing=spacing,
+            channels=norms,
+            crop_to_body=config.crop_to_body,
+            body_threshold_ct=config.body_threshold_ct,
+            image_dtype=config.image_dtype,
+        )
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PrepareReport:
+    processed: int = 0
+    reused: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # "dataset/case" -> reason
+
+    def summary(self) -> str:
+        text = f"{self.processed} case(s) preprocessed, {self.reused} reused"
+        if self.skipped:
+            text += f", {len(self.skipped)} skipped (bad input)"
+        return text
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove temp files/dirs a killed run left behind (names from hermes.fileio)."""
+    if not root.is_dir():
+        return
+    for path in list(root.rglob(".*")):
+        name = path.name
+        if name.endswith(".tmp") or ".old." in name:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _run_jobs(
+    fn: Callable[[dict[str, Any]], dict[str, Any]], jobs: list[dict[str, Any]], workers: int, desc: str, progress: bool
+) -> Iterator[dict[str, Any]]:
+    from tqdm import tqdm
+
+    if not jobs:
+        return
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress, dynamic_ncols=True)
+    try:
+        if workers <= 1 or len(jobs) == 1:
+            for job in jobs:
+                yield fn(job)
+                bar.update()
+            return
+        # spawn, not fork: forking a process that has used torch/OpenMP threads can deadlock.
+        with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
+            for result in pool.imap_unordered(fn, jobs, chunksize=1):
+                yield result
+                bar.update()
+    finally:
+        bar.close()
+
+
+def prepare_cache(
+    catalog: Catalog, out: str | Path, workers: int | None = None, progress: bool = True
+) -> PrepareReport:
+    """Preprocess every case of every catalog dataset into ``out`` (resumable, parallel)."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config = catalog.preprocessing
+    workers = config.workers if workers is None else workers
+    _clean_leftovers(out)
+    from hermes.data.readers import open_dataset
+
+    infos = {entry.name: open_dataset(entry.path) for entry in catalog.datasets}
+    families = {entry.name: channel_families(entry, catalog) for entry in catalog.datasets}
+    params = {"ct_window": list(config.ct_window), "body_threshold_ct": config.body_threshold_ct}
+
+    # ---- pass 1: fingerprints ---------------------------------------------------------------
+    fingerprints: dict[tuple[str, str], dict[str, Any]] = {}
+    jobs: list[dict[str, Any]] = []
+    state = out / STATE_DIR
+    for entry in catalog.datasets:
+        for case in infos[entry.name].cases:
+            key = (entry.name, case.case_id)
+            signature = _signature(case.image_paths)
+            use_stats = case.split == "train" and not entry.test_only
+            ct_channels = [use_stats and family == "ct" for family in families[entry.name]]
+            cached = _read_json(state / entry.name / f"{case.case_id}.fp.json")
+            if cached and cached.get("signature") == signature and cached.get("params") == params and cached.get("ct_channels") == ct_channels:
+                fingerprints[key] = {**cached, "split": case.split}
+                continue
+            jobs.append(
+                {
+                    "key": list(key),
+                    "signature": signature,
+                    "params": params,
+                    "image_paths": [str(p) for p in case.image_paths],
+                    "ct_channels": ct_channels,
+                    "split": case.split,
+                }
+            )
+    job_of = {tuple(job["key"]): job for job in jobs}
+    for result in _run_jobs(_fingerprint_job, jobs, workers, "fingerprint", progress):
+        dataset, case_id = result["key"]
+        job = job_of[(dataset, case_id)]
+        result["ct_channels"] = job["ct_channels"]
+        atomic_write_json(state / dataset / f"{case_id}.fp.json", result)
+        fingerprints[(dataset, case_id)] = {**result, "split": job["split"]}
+
+    report = PrepareReport()
+    for (dataset, case_id), fp in sorted(fingerprints.items()):
+        if "error" in fp:
+            _bad(report, config, dataset, case_id, fp["error"])
+
+    plans = make_plans(catalog, fingerprints)
+
+    # ---- pass 2: cases ------------------------------------------------------------------------
+    jobs = []
+    reused: list[tuple[str, str, str]] = []
+    for entry in catalog.datasets:
+        if entry.name not in plans:
+            continue
+        plan = plans[entry.name]
+        digest = plan.digest()
+        for case in infos[entry.name].cases:
+            if "error" in fingerprints[(entry.name, case.case_id)]:
+                continue
+            signature = _signature([*case.image_paths, case.label_path])
+            meta = _read_json(out / entry.name / case.case_id / "meta.json")
+            if meta and meta.get("source_signature") == signature and meta.get("plan_digest") == digest and meta.get("split") == case.split:
+                reused.append((entry.name, case.case_id, case.split))
+                continue
+            bad = _read_json(state / entry.name / f"{case.case_id}.bad.json")
+            if bad and bad.get("signature") == signature and bad.get("plan_digest") == digest:
+                _bad(report, config, entry.name, case.case_id, bad["reason"])
+                continue
+            jobs.append(
+                {
+                    "dataset": entry.name,
+                    "case_id": case.case_id,
+                    "split": case.split,
+                    "image_paths": [str(p) for p in case.image_paths],
+                    "label_path": str(case.label_path) if case.label_path else None,
+                    "allowed_labels": sorted(entry.labels.values()),
+                    "plan": plan.to_dict(),
+                    "signature": signature,
+                    "out": str(out),
+                }
+            )
+    report.reused = len(reused)
+    done: list[tuple[str, str, str]] = list(reused)
+    split_of = {(j["dataset"], j["case_id"]): j["split"] for j in jobs}
+    sig_of = {(j["dataset"], j["case_id"]): j["signature"] for j in jobs}
+    for result in _run_jobs(_case_job, jobs, workers, "prepare", progress):
+        key = (result["dataset"], result["case_id"])
+        if result["status"] == "ok":
+            report.processed += 1
+            done.append((*key, split_of[key]))
+            (state / key[0] / f"{key[1]}.bad.json").unlink(missing_ok=True)
+        else:
+            digest = plans[key[0]].digest()
+            atomic_write_json(
+                state / key[0] / f"{key[1]}.bad.json",
+                {"signature": sig_of[key], "plan_digest": digest, "reason": result["reason"]},
+            )
+            _bad(report, config, key[0], key[1], result["reason"])
+
+    # ---- index --------------------------------------------------------------------------------
+    cases: dict[str, dict[str, list[str]]] = {e.name: {"train": [], "test": []} for e in catalog.datasets}
+    for dataset, case_id, split in done:
+        cases[dataset][split].append(case_id)
+    for dataset, splits in cases.items():
+        for ids in splits.values():
+            ids.sort()
+        _remove_stale(out / dataset, set(splits["train"]) | set(splits["test"]))
+    index = {
+        "version": CACHE_VERSION,
+        "catalog": catalog.to_dict(),
+        "plans": {name: plan.to_dict() for name, plan in plans.items()},
+        "cases": cases,
+        "skipped": dict(sorted(report.skipped.items())),
+    }
+    atomic_write_json(out / "cache.json", index)
+    return report
+
+
+def _bad(report: PrepareReport, config: PreprocessConfig, dataset: str, case_id: str, reason: str) -> None:
+    if config.on_bad_case == "error":
+        raise DataError(
+            f"case {dataset}/{case_id}: {reason}\n(set `preprocessing: {{on_bad_case: skip}}` in the catalog "
+            "to skip bad cases with a warning)"
+        )
+    log.warning("skipping case %s/%s: %s", dataset, case_id, reason)
+    report.skipped[f"{dataset}/{case_id}"] = reason
+
+
+def _remove_stale(folder: Path, keep: set[str]) -> None:
+    """Drop case directories that are no longer part of the dataset (or became bad)."""
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and not child.name.startswith(".") and child.name not in keep and (child / "meta.json").exists():
+            shutil.rmtree(child)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CachedCase:
+    dataset: str
+    case_id: str
+    path: Path
+    image: np.ndarray  # (C, X, Y, Z), memory-mapped
+    label: np.ndarray | None  # (X, Y, Z), memory-mapped; None for unlabelled test images
+    meta: dict[str, Any]
+    _foreground: dict[int, np.ndarray] | None = None
+
+    def foreground(self) -> dict[int, np.ndarray]:
+        """Label value -> (N, 3) sampled voxel positions (loaded on first use)."""
+        if self._foreground is None:
+            fg_path = self.path / "fg.npy"
+            rows = np.load(fg_path, allow_pickle=False) if fg_path.exists() else np.zeros((0, 4), np.int32)
+            self._foreground = {int(v): rows[rows[:, 0] == v, 1:] for v in np.unique(rows[:, 0])}
+        return self._foreground
+
+
+def load_cached_case(cache_dir: str | Path, dataset: str, case_id: str, mmap: bool = True) -> CachedCase:
+    """Open one cached case; arrays are memory-mapped (read-only) unless ``mmap`` is False."""
+    path = Path(cache_dir) / dataset / case_id
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{path}: no cached case here (run `hermes prepare` for this catalog)")
+    mode = "r" if mmap else None
+    meta = json.loads(meta_path.read_text())
+    image = np.load(path / "image.npy", mmap_mode=mode, allow_pickle=False)
+    label_path = path / "label.npy"
+    label = np.load(label_path, mmap_mode=mode, allow_pickle=False) if label_path.exists() else None
+    return CachedCase(dataset, case_id, path, image, label, meta)
+
+
+@dataclass
+class CacheIndex:
+    path: Path
+    catalog: Catalog
+    plans: dict[str, PreprocessPlan]
+    cases: dict[str, dict[str, list[str]]]  # dataset -> {"train": [...], "test": [...]}
+    skipped: dict[str, str]
+
+    def train_cases(self) -> dict[str, list[str]]:
+        """Training cases per dataset (test-only datasets excluded)."""
+        return {
+            entry.name: list(self.cases.get(entry.name, {}).get("train", []))
+            for entry in self.catalog.datasets
+            if not entry.test_only
+        }
+
+    def test_cases(self) -> dict[str, list[str]]:
+        return {name: list(splits.get("test", [])) for name, splits in self.cases.items()}
+
+    def load(self, dataset: str, case_id: str, mmap: bool = True) -> CachedCase:
+        return load_cached_case(self.path, dataset, case_id, mmap)
+
+
+def open_cache(cache_dir: str | Path) -> CacheIndex:
+    path = Path(cache_dir)
+    index_path = path / "cache.json"
+    if not index_path.is_file():
+        raise DataError(f"{path}: not a Hermes cache (no cache.json); run `hermes prepare CATALOG --out {path}`")
+    data = _read_json(index_path)
+    if not data or data.get("version") != CACHE_VERSION:
+        raise DataError(f"{index_path}: unreadable or from another Hermes version; re-run `hermes prepare`")
+    return CacheIndex(
+        path=path,
+        catalog=Catalog.from_dict(data["catalog"]),
+        plans={name: PreprocessPlan.from_dict(p) for name, p in data["plans"].items()},
+        cases=data["cases"],
+        skipped=data.get("skipped", {}),
+    )

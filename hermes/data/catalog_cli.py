@@ -1,0 +1,102 @@
+"""``hermes catalog show CATALOG`` and ``hermes catalog init DIR... > catalog.yaml``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from hermes.data.catalog import Catalog, default_catalog_spec, load_catalog, share_candidates
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
+    show = sub.add_parser("show", help="validate a catalog and print its task x dataset table")
+    show.add_argument("catalog", type=Path)
+    init = sub.add_parser("init", help="print a default catalog for dataset folders (redirect it to a file)")
+    init.add_argument("folders", type=Path, nargs="+", help="nnU-Net v2 raw or MSD dataset folders")
+    init.add_argument(
+        "--relative-to",
+        type=Path,
+        default=Path.cwd(),
+        help="write dataset paths relative to this folder, where the catalog will live (default: .)",
+    )
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def render(catalog: Catalog) -> str:
+    """Human-readable summary: datasets, the task x dataset table, share suggestions."""
+    lines = []
+    where = f" {catalog.source}" if catalog.source else ""
+    lines.append(
+        f"Catalog{where}: {len(catalog.datasets)} dataset(s), {catalog.num_tasks} task(s) (null task id "
+        f"{catalog.null_task_id}), modality vocabulary {', '.join(catalog.modalities)} + unknown "
+        f"(id {catalog.unknown_modality_id})"
+    )
+    lines.append("")
+    rows = [["dataset", "folder", "modality", "id", "train", "test", "tasks"]]
+    for entry in catalog.datasets:
+        rows.append(
+            [
+                entry.name,
+                entry.folder,
+                entry.modality,
+                str(entry.modality_id),
+                "test only" if entry.test_only else str(entry.num_train),
+                str(entry.num_test),
+                str(len(entry.task_ids)),
+            ]
+        )
+    lines.append(_table(rows))
+    lines.append("")
+    lines.append("Tasks (cell: the dataset label value(s) feeding the task):")
+    header = ["id", "task", *[entry.name for entry in catalog.datasets]]
+    rows = [header]
+    for task in catalog.tasks:
+        row = [str(task.index), task.name]
+        for entry in catalog.datasets:
+            if task.index in entry.task_ids:
+                values = entry.label_values[entry.task_ids.index(task.index)]
+                row.append("+".join(str(v) for v in values))
+            else:
+                row.append(".")
+        rows.append(row)
+    lines.append(_table(rows))
+    untrained = [
+        task.name
+        for task in catalog.tasks
+        if all(entry.test_only or entry.num_train == 0 for entry in catalog.datasets_of_task(task.index))
+    ]
+    if untrained:
+        lines.append("")
+        lines.append(f"Warning: no training data for {', '.join(untrained)} (only test-only datasets label them).")
+    suggestions = share_candidates(catalog)
+    if suggestions:
+        lines.append("")
+        lines.append(
+            "Share candidates (same label name, same modality family). Share only if the annotation "
+            "protocols agree (e.g. both include or both exclude the tumour); add to the catalog:"
+        )
+        snippet = yaml.safe_dump({"shared_tasks": {label: names for label, names in suggestions}}, sort_keys=False)
+        lines.extend("  " + line for line in snippet.rstrip().splitlines())
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.catalog_command == "show":
+        print(render(load_catalog(args.catalog)))
+        return 0
+    spec = default_catalog_spec(list(args.folders), relative_to=args.relative_to)
+    sys.stdout.write(
+        "# Hermes catalog (docs/data.md). Paths are relative to this file's folder.\n"
+        "# Optional per dataset: name, modality, labels, nested_tasks, tasks, test_only.\n"
+        "# Run `hermes catalog show` on this file for share candidates (shared_tasks).\n"
+    )
+    sys.stdout.write(yaml.safe_dump(spec, sort_keys=False))
+    return 0
