@@ -118,6 +118,8 @@ class AugmentConfig(Strict):
     rotation_deg: float = 15.0
     scale_range: tuple[float, float] = (0.85, 1.25)
     elastic: bool = False
+    elastic_grid: int = 4  # control points per axis of the random displacement field
+    elastic_magnitude: tuple[float, float] = (0.0, 3.0)  # std of the displacement, voxels
     mirror_axes: list[int] = Field(default_factory=list)  # none by default: left/right matters
     # Intensity: probability of each transform, per modality family ("default" for the rest).
     intensity_prob: dict[str, float] = Field(default_factory=lambda: {"default": 0.15, "mr": 0.2})
