@@ -300,6 +300,8 @@ class AdaptationConfig(Strict):
     output: Path
     # Datasets of `catalog` to train on (None: all of them).
     datasets: list[str] | None = None
+    # Few-shot: at most this many training cases per dataset (a seeded random subset; None: all).
+    max_train_cases: int | None = None
     seed: int = 0
     steps: int = 300
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
