@@ -261,6 +261,10 @@ class EvaluationConfig(Strict):
     hd_percentile: float = 95.0
     bootstrap_samples: int = 1000
     seed: int = 0
+    # Processes scoring cases in parallel (surface distances are CPU-bound); 1: in-process.
+    workers: int = 2
+    # Report: overlay figures per dataset (best, median, worst case by mean Dice).
+    report_cases: int = 3
 
 
 # --------------------------------------------------------------------------------------------
