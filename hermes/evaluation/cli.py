@@ -1,0 +1,97 @@
+"""``hermes evaluate``: score a prediction folder, or a model on a catalog's test cases."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hermes.config import EvaluationConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = EvaluationConfig()
+    folders = parser.add_argument_group("(a) score a folder of predictions (nnU-Net layout: CASE.nii.gz)")
+    folders.add_argument("--pred", type=Path, help="folder of multi-label predictions")
+    folders.add_argument("--ref", type=Path, help="folder of reference label maps (e.g. labelsTs)")
+    folders.add_argument(
+        "--labels", type=Path,
+        help="dataset.json with the reference label names (default: REF/../dataset.json, else label values)",
+    )
+    folders.add_argument(
+        "--pred-labels", type=Path,
+        help="label names -> values of the predictions when they differ from the reference's, matched by name "
+        "(default: PRED/dataset.json if present, else the reference's values)",
+    )
+    folders.add_argument("--images", type=Path, help="images for the report overlays (default: REF's imagesXx sibling)")
+    folders.add_argument("--dataset", help="dataset name in the tables (default: the reference's dataset folder)")
+
+    model = parser.add_argument_group("(b) predict and score a catalog's cases with a model")
+    model.add_argument("-m", "--model", type=Path, help="saved model directory")
+    model.add_argument("--catalog", type=Path, help="catalog YAML (default: the model's own catalog)")
+    model.add_argument("--split", default="test", choices=["test", "train", "all"], help="cases to score (default test)")
+    model.add_argument("--datasets", nargs="+", metavar="NAME", help="only these catalog datasets")
+    model.add_argument("--detect-modality", action="store_true",
+                       help="let the modality head choose the modality (default: the dataset's, as in the paper)")
+    model.add_argument("--output", dest="output_type", choices=["multilabel", "binary"], default=None,
+                       help="score the multi-label map (default; overlaps: most probable wins) or each task's own mask")
+    model.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    model.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    model.add_argument("--save-predictions", action="store_true", help="also write OUT/predictions/<dataset>/CASE.nii.gz")
+    model.add_argument("--max-cases", type=int, default=None, help="at most this many cases per dataset (quick checks)")
+
+    common = parser.add_argument_group("output")
+    common.add_argument("-o", "--out", type=Path, help="output folder (default: PRED/evaluation or MODEL/evaluation_SPLIT)")
+    common.add_argument("--report", action="store_true", help="also write a self-contained report.html")
+    common.add_argument("--nsd-tolerance", type=float, default=None,
+                        help=f"NSD tolerance in mm (default {defaults.nsd_tolerance_mm})")
+    common.add_argument("--workers", type=int, default=None, help=f"scoring processes (default {defaults.workers})")
+    common.add_argument("--bootstrap", type=int, default=None,
+                        help=f"bootstrap resamples for the CIs (default {defaults.bootstrap_samples})")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hermes.config import InferenceConfig
+    from hermes.errors import ConfigError
+    from hermes.evaluation.evaluate import evaluate_folders, evaluate_model, write_outputs
+
+    overrides = {
+        k: v
+        for k, v in {
+            "nsd_tolerance_mm": args.nsd_tolerance,
+            "workers": args.workers,
+            "bootstrap_samples": args.bootstrap,
+        }.items()
+        if v is not None
+    }
+    config = EvaluationConfig.model_validate(overrides)
+    folder_mode = args.pred is not None or args.ref is not None
+    if folder_mode == (args.model is not None):
+        raise ConfigError("give either --pred and --ref (score a folder) or -m MODEL (predict and score)")
+    if folder_mode:
+        if args.pred is None or args.ref is None:
+            raise ConfigError("folder mode needs both --pred and --ref")
+        pred_labels = args.pred_labels
+        if pred_labels is None and (args.pred / "dataset.json").is_file():
+            pred_labels = args.pred / "dataset.json"
+        result = evaluate_folders(
+            args.pred, args.ref, labels=args.labels, pred_labels=pred_labels, dataset=args.dataset,
+            images_dir=args.images, config=config, overlays=args.report, progress=not args.quiet,
+        )
+        out = args.out or args.pred / "evaluation"
+        title = f"Evaluation of {args.pred}"
+    else:
+        inference = InferenceConfig(mirror_tta=args.tta, **({"output": args.output_type} if args.output_type else {}))
+        out = args.out or args.model / f"evaluation_{args.split}"
+        result = evaluate_model(
+            args.model, args.catalog, split=args.split, datasets=args.datasets, inference=inference, config=config,
+            device=None if args.device == "auto" else args.device, detect_modality=args.detect_modality,
+            overlays=args.report, save_predictions=out / "predictions" if args.save_predictions else None,
+            progress=not args.quiet, max_cases=args.max_cases,
+        )
+        title = f"Evaluation of {args.model} ({args.split} split)"
+    write_outputs(result, out, report=args.report, title=title, report_cases=config.report_cases)
+    print(result.table())
+    written = "metrics.csv, summary.json" + (", report.html" if args.report else "")
+    print(f"\nwrote {written} to {out}")
+    return 0

@@ -1,0 +1,77 @@
+"""``hermes predict``: segment an image, a DICOM series or a folder of images with a saved model."""
+
+from __future__ import annotations
+
+import argparse
+
+from hermes.config import InferenceConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = InferenceConfig()
+    parser.add_argument("-m", "--model", required=True, help="saved model directory (hermes train output)")
+    parser.add_argument(
+        "-i", "--input", required=True,
+        help="image file (.nii/.nii.gz/.nrrd/.mha), DICOM series folder, or folder of images (CASE_0000.nii.gz ...)",
+    )
+    parser.add_argument(
+        "-o", "--out", dest="output_path", metavar="OUTPUT", required=True,
+        help="multi-label: output file (e.g. seg.nii.gz) or folder; binary: folder (one mask per task)",
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", metavar="NAME",
+        help="tasks to segment ('Dataset/label' or an unambiguous short name); default: every task trained "
+        "for the image's modality",
+    )
+    parser.add_argument("--modality", help="image modality (e.g. CT, T1); default: predicted by the model")
+    parser.add_argument(
+        "--output", dest="output_type", choices=["multilabel", "binary"], default=None,
+        help=f"one label map + JSON of label names (overlaps: the most probable task wins), or one binary "
+        f"mask per task (default: {defaults.output})",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 passes)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--overlap", type=float, default=None, help=f"window overlap (default {defaults.overlap})")
+    parser.add_argument(
+        "--window-batch-size", type=int, default=None,
+        help=f"windows per forward pass (default {defaults.window_batch_size})",
+    )
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+        help=f"autocast precision (default {defaults.precision})",
+    )
+    parser.add_argument("--threshold", type=float, default=None, help=f"sigmoid threshold (default {defaults.threshold})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-case messages")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hermes.inference.api import predict_files
+
+    config = InferenceConfig.model_validate(
+        {
+            k: v
+            for k, v in {
+                "overlap": args.overlap,
+                "window_batch_size": args.window_batch_size,
+                "precision": args.precision,
+                "threshold": args.threshold,
+            }.items()
+            if v is not None
+        }
+    )
+    predict_files(
+        args.model,
+        args.input,
+        args.output_path,
+        tasks=args.tasks,
+        modality=args.modality,
+        output_mode=args.output_type,
+        overwrite=args.overwrite,
+        device=None if args.device == "auto" else args.device,
+        tta=True if args.tta else None,
+        config=config,
+        progress=not args.quiet,
+        verbose=not args.quiet,
+    )
+    return 0

@@ -1,0 +1,528 @@
+"""Segment a new image with a saved model, on the image's own voxel grid.
+
+Pipeline per image: choose the modality (given, or the modality head's vote) -> choose the tasks
+(given, or every task trained for that modality) -> the model's own preprocessing (spec.json:
+reorientation, body crop, resampling to the training spacing, normalisation; the same function
+``hermes prepare`` used) -> Gaussian sliding window -> sigmoid -> back to the original grid
+(``restore_to_original``: resampled probabilities, un-cropped, original voxel order, so shape and
+affine equal the input's) -> threshold.
+
+**Prompts.** A Hermes model reads the requested task list as context (the paper always prompts
+with one dataset's full task list), so tasks are grouped by the dataset that trained them and
+each group is prompted with that dataset's full task list; only the requested channels are
+kept. A model built with ``task_conditioned_features: false`` gives identical logits for any
+subset, so all tasks then run in one pass.
+
+**Memory.** One group at a time: float16 stitching (sliding_window.py), then one task at a
+time restored to the original grid and folded into a running "most probable task" label map,
+so the peak holds one group's cache-space logits plus a few original-size volumes, never
+tasks x volume in float32.
+
+**Overlaps.** Each task is an independent sigmoid mask. In the multi-label output a voxel gets
+the task with the highest probability among those above the threshold ("the most probable
+wins"); the binary output keeps every task's own mask, overlaps included.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from hermes import __version__
+from hermes.config import InferenceConfig
+from hermes.data.catalog import Catalog, load_catalog
+from hermes.data.imageio import Image, image_suffix, load_image, save_image
+from hermes.data.modalities import UNKNOWN
+from hermes.data.preprocess import PreprocessPlan, preprocess_image, restore_to_original
+from hermes.errors import ConfigError, DataError, HermesError, ModelError
+from hermes.fileio import atomic_directory, atomic_write_json
+from hermes.inference.sliding_window import (
+    central_window,
+    resolve_channels_last,
+    resolve_device,
+    sliding_window_inference,
+)
+from hermes.models.registry import load_model
+
+OutputMode = Literal["multilabel", "binary"]
+OVERLAP_RULE = "most probable task wins among tasks above the threshold"
+
+
+# ----------------------------------------------------------------------------------------------
+# Result
+# ----------------------------------------------------------------------------------------------
+def safe_name(task: str) -> str:
+    """File name of a task's binary mask: ``HeadNeckCT/Brainstem`` -> ``HeadNeckCT__Brainstem``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", task.replace("/", "__"))
+
+
+def sidecar_path(image_path: str | Path) -> Path:
+    """``seg.nii.gz`` -> ``seg.json``: the label names of a multi-label file."""
+    path = Path(image_path)
+    suffix = image_suffix(path)
+    return path.with_name(path.name[: len(path.name) - len(suffix)] + ".json") if suffix else path.with_suffix(".json")
+
+
+@dataclass
+class Prediction:
+    """Masks of one image on its original grid, with what produced them.
+
+    ``labels`` (multi-label output): 0 background, ``i`` = ``tasks[i - 1]``.
+    ``masks`` (binary output): task name -> boolean mask.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    tasks: list[str]
+    modality: str
+    modality_probability: float | None
+    modality_source: str  # "given", "predicted", "the model's only modality"
+    threshold: float
+    labels: np.ndarray | None = None
+    masks: dict[str, np.ndarray] | None = None
+    input: str | None = None
+    model_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def label_map(self) -> dict[str, int]:
+        return {"background": 0, **{task: i for i, task in enumerate(self.tasks, start=1)}}
+
+    def mask(self, task: str) -> np.ndarray:
+        if self.masks is not None:
+            return self.masks[task]
+        assert self.labels is not None
+        return self.labels == self.tasks.index(task) + 1
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "labels": self.label_map(),
+            "tasks": list(self.tasks),
+            "modality": self.modality,
+            "modality_probability": self.modality_probability,
+            "modality_source": self.modality_source,
+            "threshold": self.threshold,
+            "overlap_rule": OVERLAP_RULE if self.labels is not None else "none: one binary mask per task",
+            "input": self.input,
+            "model": self.model_dir,
+            "hermes_version": __version__,
+            **self.extra,
+        }
+
+    def save(self, path: str | Path, overwrite: bool = False) -> list[Path]:
+        """Multi-label: ``path`` is the image file, label names go to its ``.json`` sidecar.
+        Binary: ``path`` is a folder with one ``<task>.nii.gz`` per task and ``labels.json``."""
+        path = Path(path)
+        check_output(path, overwrite)
+        if self.labels is not None:
+            written = [save_image(path, self.labels, self.affine)]
+            written.append(atomic_write_json(sidecar_path(path), self.metadata()))
+            return written
+        assert self.masks is not None
+        with atomic_directory(path, overwrite=True) as tmp:
+            for task, mask in self.masks.items():
+                save_image(tmp / f"{safe_name(task)}.nii.gz", mask.astype(np.uint8), self.affine)
+            atomic_write_json(tmp / "labels.json", {**self.metadata(), "files": _binary_files(self.tasks)})
+        return [path]
+
+
+def _binary_files(tasks: Sequence[str]) -> dict[str, str]:
+    return {task: f"{safe_name(task)}.nii.gz" for task in tasks}
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise DataError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model directory
+# ----------------------------------------------------------------------------------------------
+def _load_catalog(model_dir: Path, spec: dict[str, Any]) -> Catalog:
+    """The catalog the model was trained with: serialised in spec.json (no dataset folder
+    needed), else MODEL/catalog.yaml (whose dataset folders must then exist)."""
+    if isinstance(spec.get("catalog"), dict):
+        return Catalog.from_dict(spec["catalog"])
+    path = model_dir / "catalog.yaml"
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: neither spec.json 'catalog' nor catalog.yaml found")
+    try:
+        return load_catalog(path)
+    except HermesError as error:
+        raise ModelError(f"{path}: cannot load the model's catalog: {error}") from None
+
+
+def _load_plans(model_dir: Path, spec: dict[str, Any]) -> list[PreprocessPlan]:
+    """spec["preprocessing"]: {name: PreprocessPlan dict} (keyed by dataset or modality)."""
+    raw = spec.get("preprocessing")
+    if not isinstance(raw, dict) or not raw:
+        raise ModelError(f"{model_dir / 'spec.json'}: no 'preprocessing' plans; cannot preprocess images")
+    plans = []
+    for key, value in raw.items():
+        try:
+            plans.append(PreprocessPlan.from_dict(value))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelError(f"{model_dir / 'spec.json'}: preprocessing.{key} is not a plan: {error!r}") from None
+    return plans
+
+
+def _patch_size(model_dir: Path, spec: dict[str, Any]) -> list[int]:
+    for candidate in (spec.get("patch_size"), (spec.get("model") or {}).get("patch_size")):
+        if isinstance(candidate, list) and len(candidate) == 3:
+            return [int(v) for v in candidate]
+    raise ModelError(f"{model_dir / 'spec.json'}: no patch_size")
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """One sliding-window pass: the prompted task ids and which of them are kept."""
+
+    dataset: str | None
+    plan: PreprocessPlan
+    prompt: tuple[int, ...]
+    keep: tuple[int, ...]  # task ids, subset of prompt, in output order
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictor
+# ----------------------------------------------------------------------------------------------
+class Predictor:
+    """A loaded model ready to segment images (load once, predict many)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | torch.device | None = None,
+        config: InferenceConfig | None = None,
+        channels_last: bool | Literal["auto"] = "auto",
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise ModelError(f"model directory not found: {self.model_dir}")
+        self.config = config or InferenceConfig()
+        self.device = resolve_device(device)
+        self.model, self.spec = load_model(self.model_dir, device=self.device)
+        self.catalog = _load_catalog(self.model_dir, self.spec)
+        self.plans = _load_plans(self.model_dir, self.spec)
+        self.patch_size = _patch_size(self.model_dir, self.spec)
+        model_entry = self.spec["model"]
+        self.own_tasks: list[int] | None = model_entry.get("task_ids_of_model")
+        config_entry = model_entry.get("config") or {}
+        self.context_prompts = bool(config_entry.get("task_conditioned_features", True)) and self.own_tasks is None
+        if self.catalog.num_tasks != model_entry["num_tasks"]:
+            raise ModelError(
+                f"{self.model_dir}: the catalog has {self.catalog.num_tasks} tasks, the model {model_entry['num_tasks']}"
+            )
+        self.channels_last = resolve_channels_last(channels_last, self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        self._preprocessed: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+
+    # ---- names ---------------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return self.catalog.task_names
+
+    @property
+    def available_tasks(self) -> list[str]:
+        ids = self.own_tasks if self.own_tasks is not None else range(self.catalog.num_tasks)
+        return [self.catalog.tasks[i].name for i in ids]
+
+    @property
+    def trained_modalities(self) -> list[str]:
+        """Modalities with a preprocessing plan, in vocabulary order."""
+        have = {plan.modality for plan in self.plans}
+        return [m for m in [*self.catalog.modalities, UNKNOWN] if m in have]
+
+    def resolve_modality(self, name: str) -> str:
+        vocab = self.catalog.vocabulary
+        found = vocab.lookup(name)
+        valid = self.trained_modalities
+        if found == UNKNOWN and name.strip().lower() != UNKNOWN:
+            raise ConfigError(f"unknown modality {name!r}; this model knows: {', '.join(valid)}")
+        if found not in valid:
+            raise ConfigError(f"the model was not trained on modality {found!r}; choose one of: {', '.join(valid)}")
+        return found
+
+    def resolve_tasks(self, names: Sequence[str]) -> list[int]:
+        """Task ids of full names (``Dataset/label``) or unambiguous short forms (``label``,
+        ``HeadNeckCT/Brainstem`` for ``Dataset501_HeadNeckCT/Brainstem``), case-insensitive."""
+        available = self.available_tasks
+        ids: list[int] = []
+        for name in names:
+            try:
+                index = self.catalog.task_index(name)
+            except ConfigError:
+                index = self._fuzzy_task(name, available)
+            if self.catalog.tasks[index].name not in available:
+                raise ConfigError(
+                    f"task {name!r} is not predicted by this model; valid tasks: {', '.join(available)}"
+                )
+            if index not in ids:
+                ids.append(index)
+        if not ids:
+            raise ConfigError("no task given")
+        return ids
+
+    def _fuzzy_task(self, name: str, available: list[str]) -> int:
+        wanted = name.strip().lower()
+        dataset_part, _, label_part = wanted.rpartition("/")
+        matches = []
+        for task in self.catalog.tasks:
+            full = task.name.lower()
+            t_dataset, _, t_label = full.rpartition("/")
+            if t_label != label_part:
+                continue
+            if not dataset_part:
+                matches.append(task)
+                continue
+            folder_names = {e.folder.lower() for e in self.catalog.datasets_of_task(task.index)}
+            names = {t_dataset, *folder_names, *(e.name.lower() for e in self.catalog.datasets_of_task(task.index))}
+            if any(dataset_part == n or n.endswith("_" + dataset_part) or n.startswith(dataset_part) for n in names):
+                matches.append(task)
+        if len(matches) == 1:
+            return matches[0].index
+        if matches:
+            raise ConfigError(f"task name {name!r} is ambiguous; it could be: {', '.join(t.name for t in matches)}")
+        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(available)}")
+
+    def default_tasks(self, modality: str) -> list[int]:
+        """Every task trained for ``modality`` (datasets of that modality in the catalog)."""
+        ids: list[int] = []
+        for entry in self.catalog.datasets:
+            if entry.modality == modality:
+                ids.extend(t for t in entry.task_ids if t not in ids)
+        if self.own_tasks is not None:
+            ids = [t for t in self.own_tasks if t in ids] or list(self.own_tasks)
+        if not ids:
+            raise ConfigError(
+                f"no task was trained for modality {modality!r}; pass tasks explicitly (valid: "
+                f"{', '.join(self.available_tasks)})"
+            )
+        return ids
+
+    # ---- plans and prompts ---------------------------------------------------------------------
+    def plan_for(self, modality: str, task_ids: Sequence[int] = ()) -> PreprocessPlan:
+        """The plan of the dataset of ``modality`` that holds most of ``task_ids``."""
+        candidates = [p for p in self.plans if p.modality == modality]
+        if not candidates:
+            family = self.catalog.vocabulary.family(modality)
+            candidates = [p for p in self.plans if p.body_family == family]
+        if not candidates:
+            raise ModelError(f"{self.model_dir}: no preprocessing plan for modality {modality!r}")
+        by_name = {e.name: e for e in self.catalog.datasets}
+
+        def covered(plan: PreprocessPlan) -> int:
+            entry = by_name.get(plan.dataset)
+            return sum(t in entry.task_ids for t in task_ids) if entry else 0
+
+        return max(candidates, key=covered)  # max keeps the first plan on ties
+
+    def prompt_groups(self, task_ids: Sequence[int], modality: str) -> list[PromptGroup]:
+        if not self.context_prompts:
+            return [PromptGroup(None, self.plan_for(modality, task_ids), tuple(task_ids), tuple(task_ids))]
+        by_name = {e.name: e for e in self.catalog.datasets}
+        entries = sorted(self.catalog.datasets, key=lambda e: e.modality != modality)  # stable: same modality first
+        remaining = list(task_ids)
+        groups: list[PromptGroup] = []
+        for entry in entries:
+            keep = [t for t in remaining if t in entry.task_ids]
+            if not keep:
+                continue
+            remaining = [t for t in remaining if t not in keep]
+            plan = next((p for p in self.plans if p.dataset == entry.name), None)
+            if plan is None or plan.modality != modality:
+                plan = self.plan_for(modality, entry.task_ids)
+            groups.append(PromptGroup(entry.name, plan, tuple(by_name[entry.name].task_ids), tuple(keep)))
+        if remaining:  # tasks of no dataset (cannot happen with a valid catalog): one plain group
+            groups.append(PromptGroup(None, self.plan_for(modality, remaining), tuple(remaining), tuple(remaining)))
+        return groups
+
+    # ---- model calls ---------------------------------------------------------------------------
+    def _network(self, prompt: Sequence[int], keep: Sequence[int], modality_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        task_row = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        modality = torch.tensor([modality_id], dtype=torch.long, device=self.device)
+        index = [list(prompt).index(t) for t in keep]
+        select = None if index == list(range(len(prompt))) else torch.tensor(index, device=self.device)
+
+        def network(batch: torch.Tensor) -> torch.Tensor:
+            b = batch.shape[0]
+            logits = self.model(batch, task_row.expand(b, -1), modality.expand(b)).logits
+            return logits if select is None else logits.index_select(1, select)
+
+        return network
+
+    def _preprocess(self, images: list[Image], plan: PreprocessPlan) -> tuple[np.ndarray, dict[str, Any]]:
+        key = plan.digest()
+        if key not in self._preprocessed:
+            self._preprocessed[key] = preprocess_image(images, plan)
+        return self._preprocessed[key]
+
+    @torch.inference_mode()
+    def modality_probabilities(self, images: list[Image]) -> dict[str, float]:
+        """Modality head on the central window, prompted with the unknown modality.
+
+        The image must be normalised before the head can see it, and normalisation depends on
+        the modality; so every trained modality's plan is tried and a modality scores the
+        probability the head gives it when the image is preprocessed *as* that modality.
+        """
+        if getattr(self.model, "modality_head", None) is None:
+            raise ConfigError("this model has no modality head; pass the modality (--modality)")
+        scores: dict[str, float] = {}
+        unknown = torch.tensor([self.catalog.unknown_modality_id], device=self.device)
+        for modality in self.trained_modalities:
+            if modality == UNKNOWN:
+                continue
+            prompt = self.default_tasks(modality)
+            plan = self.plan_for(modality, prompt)
+            array, _ = self._preprocess(images, plan)
+            window = central_window(torch.from_numpy(np.asarray(array, dtype=np.float32))[None], self.patch_size)
+            window = window.to(self.device)
+            if self.channels_last:
+                window = window.contiguous(memory_format=torch.channels_last_3d)
+            out = self.model(window, torch.tensor([prompt], device=self.device), unknown)
+            probs = torch.softmax(out.modality_logits.float(), dim=1)[0]
+            scores[modality] = float(probs[self.catalog.modalities.index(modality)])
+        return scores
+
+    # ---- main entry ----------------------------------------------------------------------------
+    def load_case(self, inputs: str | Path | Image | Sequence[str | Path | Image]) -> Image:
+        """One image from a file, a DICOM folder, an :class:`Image`, or one file per channel
+        (stacked on a 4th axis; all channels must share the first one's grid)."""
+        if isinstance(inputs, Image):
+            return inputs
+        if isinstance(inputs, str | Path):
+            return load_image(inputs)
+        items = [x if isinstance(x, Image) else load_image(x) for x in inputs]
+        if not items:
+            raise DataError("no input image given")
+        if len(items) == 1:
+            return items[0]
+        first = items[0]
+        for item in items[1:]:
+            if item.array.shape[:3] != first.array.shape[:3] or not np.allclose(item.affine, first.affine, atol=1e-3):
+                raise DataError(f"{item.path}: channel grid differs from {first.path}")
+        stacked = np.stack([np.asarray(x.array, dtype=np.float32) for x in items], axis=-1)
+        return Image(stacked, first.affine, first.path)
+
+    def predict(
+        self,
+        image: str | Path | Image | Sequence[str | Path | Image],
+        tasks: Sequence[str] | None = None,
+        modality: str | None = None,
+        output: OutputMode | None = None,
+        progress: bool = True,
+        on_mask: Callable[[str, np.ndarray], None] | None = None,
+        verbose: bool = False,
+    ) -> Prediction:
+        """Segment one image. ``on_mask(task, mask)``: called per task in binary mode instead of
+        keeping the masks (lets the CLI write each mask as soon as it exists)."""
+        output = output or self.config.output
+        image = self.load_case(image)
+        self._preprocessed.clear()
+        images = [image]
+        shape = tuple(int(n) for n in image.array.shape[:3])
+
+        # Modality
+        probability: float | None = None
+        if modality is not None:
+            chosen, source = self.resolve_modality(modality), "given"
+        elif len([m for m in self.trained_modalities if m != UNKNOWN]) == 1 and (
+            getattr(self.model, "modality_head", None) is None or self.own_tasks is not None
+        ):
+            chosen, source = next(m for m in self.trained_modalities if m != UNKNOWN), "the model's only modality"
+        elif self.own_tasks is not None or getattr(self.model, "modality_head", None) is None:
+            raise ConfigError(
+                f"this model cannot recognise the modality; pass one of: {', '.join(self.trained_modalities)}"
+            )
+        else:
+            scores = self.modality_probabilities(images)
+            chosen = max(scores, key=lambda m: scores[m])
+            probability, source = scores[chosen], "predicted"
+            if verbose:
+                shown = ", ".join(f"{m} {p:.2f}" for m, p in sorted(scores.items(), key=lambda kv: -kv[1]))
+                print(f"modality: {chosen} (p={probability:.2f}; {shown})", file=sys.stderr)
+        modality_id = (
+            self.catalog.unknown_modality_id if chosen == UNKNOWN else self.catalog.modalities.index(chosen)
+        )
+
+        # Tasks
+        task_ids = self.resolve_tasks(tasks) if tasks else self.default_tasks(chosen)
+        names = [self.catalog.tasks[t].name for t in task_ids]
+        position = {t: i for i, t in enumerate(task_ids)}
+
+        threshold = float(self.config.threshold)
+        labels: np.ndarray | None = None
+        best: np.ndarray | None = None
+        masks: dict[str, np.ndarray] | None = None
+        if output == "multilabel":
+            labels = np.zeros(shape, dtype=np.uint8 if len(task_ids) < 256 else np.uint16)
+            best = np.zeros(shape, dtype=np.float16)
+        elif output == "binary":
+            masks = {} if on_mask is None else None
+        else:
+            raise ConfigError(f"unknown output {output!r} (multilabel or binary)")
+
+        mirror = (0, 1, 2) if self.config.mirror_tta else ()
+        for group in self.prompt_groups(task_ids, chosen):
+            array, meta = self._preprocess(images, group.plan)
+            tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))[None]
+            logits = sliding_window_inference(
+                tensor,
+                self._network(group.prompt, group.keep, modality_id),
+                self.patch_size,
+                overlap=self.config.overlap,
+                window_batch_size=self.config.window_batch_size,
+                blend=self.config.blend,
+                mirror_axes=mirror,
+                device=self.device,
+                precision=self.config.precision,
+                channels_last=self.channels_last,
+                progress=progress,
+            )
+            for k, task in enumerate(group.keep):
+                prob_cache = torch.sigmoid(logits[k].float())
+                prob = restore_to_original(prob_cache, meta, order=1, fill=0.0)
+                del prob_cache
+                name = self.catalog.tasks[task].name
+                above = prob >= threshold
+                if labels is not None and best is not None:
+                    wins = above & (prob > best)
+                    labels[wins] = position[task] + 1
+                    best[wins] = prob[wins]
+                elif masks is not None:
+                    masks[name] = above
+                elif on_mask is not None:
+                    on_mask(name, above)
+            del logits
+        self._preprocessed.clear()
+        return Prediction(
+            affine=np.asarray(image.affine, dtype=np.float64),
+            shape=shape,  # type: ignore[arg-type]
+            tasks=names,
+            modality=chosen,
+            modality_probability=probability,
+            modality_source=source,
+            threshold=threshold,
+            labels=labels,
+            masks=masks,
+            input=str(image.path) if image.path else None,
+            model_dir=str(self.model_dir),
+        )
+
+
+def describe(prediction: Prediction) -> str:
+    prob = "" if prediction.modality_probability is None else f", p={prediction.modality_probability:.2f}"
+    return (
+        f"modality {prediction.modality} ({prediction.modality_source}{prob}); "
+        f"{len(prediction.tasks)} task(s): {', '.join(prediction.tasks)}"
+    )
+
+
+__all__ = ["OVERLAP_RULE", "Prediction", "Predictor", "describe", "safe_name", "sidecar_path"]

@@ -1,0 +1,272 @@
+"""Gaussian-weighted sliding-window inference whose memory does not grow with tasks x volume.
+
+A universal model predicts up to dozens of task channels for a CT of 10^7..10^8 voxels; MONAI's
+``sliding_window_inference`` stitches them in float32 (plus a float32 count map of the same
+size), i.e. ``4 x T x V`` bytes. Here the weighted logits of every task are accumulated in a
+float16 buffer (``2 x T x V``), the blending weight is one float32 volume shared by all tasks,
+and the final normalisation runs one task at a time, so the peak is about half of MONAI's and the
+float32 working set is one window batch. Window positions and the Gaussian importance map are
+MONAI's own (``dense_patch_slices``, ``compute_importance_map``), so both stitchers see the
+network at exactly the same places and their outputs agree up to float16 rounding
+(bench/inference_speed.py measures speed and the difference).
+
+The network is any callable ``(b, C, *window) -> (b, T, *window)`` logits: the Hermes model
+needs task ids and a modality id, which the predictor binds in a closure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from tqdm.auto import tqdm
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Network = Callable[[torch.Tensor], torch.Tensor]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto": CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from hermes.errors import ConfigError
+
+        raise ConfigError("device 'cuda' requested but no CUDA device is available (use --device cpu)")
+    return device
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for the network, or None for plain float32.
+
+    "auto" picks bf16 on CUDA devices that support it (fp16 otherwise) and on CPUs with native
+    bf16 matrix units (AMX/AVX512-BF16, where oneDNN's bf16 convolutions were measured faster
+    than fp32: docs/bench/inference.md); other CPUs stay in fp32, where emulated bf16 is slower.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN can run bf16 convolutions natively on this CPU."""
+    with contextlib.suppress(Exception):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_channels_last(channels_last: bool | Literal["auto"], device: torch.device) -> bool:
+    """channels_last_3d helps oneDNN's CPU convolutions (measured, docs/bench/inference.md);
+    on CUDA cuDNN picks its own layout, so "auto" leaves the tensors contiguous there."""
+    if channels_last == "auto":
+        return device.type == "cpu"
+    return bool(channels_last)
+
+
+def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """All non-empty subsets of the spatial mirror axes (nnU-Net's mirroring TTA: 2^k passes)."""
+    axes = sorted({int(axis) for axis in mirror_axes})
+    for axis in axes:
+        if axis not in (0, 1, 2):
+            raise ValueError(f"mirror axes are spatial axes 0, 1, 2; got {axis}")
+    return [combo for r in range(1, len(axes) + 1) for combo in itertools.combinations(axes, r)]
+
+
+def window_slices(
+    shape: Sequence[int], window: Sequence[int], overlap: float
+) -> list[tuple[slice, slice, slice]]:
+    """MONAI's window placement (interval ``int(window * (1 - overlap))``, last window flush with
+    the end), so this stitcher and ``monai.inferers.sliding_window_inference`` are comparable."""
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    interval = [
+        size if size == win else max(int(win * (1.0 - overlap)), 1)
+        for size, win in zip(shape, window)
+    ]
+    return [tuple(s) for s in dense_patch_slices(tuple(shape), tuple(window), interval)]  # type: ignore[misc]
+
+
+def max_coverage(slices: Sequence[tuple[slice, ...]], shape: Sequence[int]) -> int:
+    """Largest number of windows covering one voxel (bounds the float16 accumulator's range)."""
+    total = 1
+    for axis, size in enumerate(shape):
+        counts = np.zeros(size, dtype=np.int64)
+        for start, stop in {(s[axis].start, s[axis].stop) for s in slices}:
+            counts[start:stop] += 1
+        total *= int(counts.max())
+    return total
+
+
+def _symmetric_padding(shape: Sequence[int], window: Sequence[int]) -> list[tuple[int, int]]:
+    pads = []
+    for size, win in zip(shape, window):
+        diff = max(win - size, 0)
+        pads.append((diff // 2, diff - diff // 2))
+    return pads
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class WindowRunner:
+    """Runs the network on one window batch: device transfer, layout, autocast, mirroring TTA."""
+
+    def __init__(
+        self,
+        network: Network,
+        device: torch.device,
+        precision: Precision = "auto",
+        channels_last: bool | Literal["auto"] = "auto",
+        mirror_axes: Sequence[int] = (),
+    ) -> None:
+        self.network = network
+        self.device = device
+        self.autocast_dtype = resolve_precision(precision, device)
+        self.channels_last = resolve_channels_last(channels_last, device)
+        self.mirrors = mirror_combinations(mirror_axes)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        with _autocast(self.device, self.autocast_dtype):
+            out = self.network(batch)
+        if out.ndim != batch.ndim or out.shape[0] != batch.shape[0] or out.shape[2:] != batch.shape[2:]:
+            raise RuntimeError(
+                f"network returned shape {tuple(out.shape)} for a window batch {tuple(batch.shape)};"
+                " expected (b, T, *window)"
+            )
+        return out.float()
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        out = self._forward(batch)
+        for axes in self.mirrors:
+            dims = [axis + 2 for axis in axes]
+            out += torch.flip(self._forward(torch.flip(batch, dims)), dims)
+        if self.mirrors:
+            out /= len(self.mirrors) + 1
+        return out
+
+
+def _batches(slices: list[tuple[slice, ...]], size: int) -> Iterator[list[tuple[slice, ...]]]:
+    for start in range(0, len(slices), size):
+        yield slices[start : start + size]
+
+
+@torch.inference_mode()
+def sliding_window_inference(
+    image: torch.Tensor,
+    network: Network,
+    window_size: Sequence[int],
+    *,
+    overlap: float = 0.5,
+    window_batch_size: int = 2,
+    blend: Literal["gaussian", "constant"] = "gaussian",
+    sigma_scale: float = 0.125,
+    mirror_axes: Sequence[int] = (),
+    device: str | torch.device | None = None,
+    precision: Precision = "auto",
+    channels_last: bool | Literal["auto"] = "auto",
+    accumulate_dtype: torch.dtype = torch.float16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Blend window logits over a whole volume.
+
+    Args:
+        image: ``(1, C, X, Y, Z)`` float tensor; it stays on its device (the accumulator lives
+            there too) and windows are moved to ``device`` for the network.
+        network: ``(b, C, *window) -> (b, T, *window)`` logits.
+        window_size: the model's patch size; volumes smaller than it are zero-padded
+            symmetrically (as MONAI does) and cropped back.
+        accumulate_dtype: float16 (default) halves the stitching memory; logits are clamped to
+            a bound that keeps the weighted sum finite in that dtype (far beyond any value that
+            changes a sigmoid probability). float32 gives MONAI's exact arithmetic.
+
+    Returns:
+        ``(T, X, Y, Z)`` blended logits in ``accumulate_dtype`` on ``image.device``.
+    """
+    if image.ndim != 5 or image.shape[0] != 1:
+        raise ValueError(f"expected an image of shape (1, C, X, Y, Z), got {tuple(image.shape)}")
+    if len(window_size) != 3 or min(window_size) < 1:
+        raise ValueError(f"window_size needs three positive sizes, got {window_size}")
+    if window_batch_size < 1:
+        raise ValueError("window_batch_size must be >= 1")
+    net_device = resolve_device(device) if device is not None else image.device
+    runner = WindowRunner(network, net_device, precision, channels_last, mirror_axes)
+    window = tuple(int(w) for w in window_size)
+    original_shape = tuple(image.shape[2:])
+
+    pads = _symmetric_padding(original_shape, window)
+    if any(p for pair in pads for p in pair):
+        flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants the last axis first
+        image = F.pad(image, flat, mode="constant", value=0.0)
+    shape = tuple(image.shape[2:])
+    slices = window_slices(shape, window, overlap)
+
+    store = image.device
+    importance = compute_importance_map(window, mode=blend, sigma_scale=sigma_scale, device=store)
+    importance = importance.to(torch.float32)
+    weight = torch.zeros(shape, dtype=torch.float32, device=store)
+    accumulator: torch.Tensor | None = None
+    exact = accumulate_dtype == torch.float32
+    bound = torch.finfo(accumulate_dtype).max / (2.0 * max_coverage(slices, shape))
+
+    batches = _batches(slices, window_batch_size)
+    n_batches = math.ceil(len(slices) / window_batch_size)
+    for group in tqdm(batches, total=n_batches, desc="sliding window", unit="batch", disable=not progress):
+        windows = torch.cat([image[(slice(None), slice(None), *sl)] for sl in group], dim=0)
+        logits = runner(windows).to(store)
+        if accumulator is None:
+            accumulator = torch.zeros((logits.shape[1], *shape), dtype=accumulate_dtype, device=store)
+        if bound < 1e30:
+            logits.clamp_(-bound, bound)
+        logits *= importance
+        for index, sl in enumerate(group):
+            weight[sl] += importance
+            target = (slice(None), *sl)
+            if exact:
+                accumulator[target] += logits[index]
+            else:
+                accumulator[target] = (accumulator[target].float() + logits[index]).to(accumulate_dtype)
+    assert accumulator is not None  # at least one window always exists
+
+    # Normalise one task at a time: the float32 temporary is one volume, not T volumes.
+    for task in range(accumulator.shape[0]):
+        accumulator[task] = (accumulator[task].float() / weight).to(accumulate_dtype)
+    if any(p for pair in pads for p in pair):
+        crop = tuple(slice(lo, lo + size) for (lo, _), size in zip(pads, original_shape))
+        accumulator = accumulator[(slice(None), *crop)].clone()
+    return accumulator
+
+
+def central_window(image: torch.Tensor, window_size: Sequence[int]) -> torch.Tensor:
+    """The window-sized crop at the volume's centre (zero-padded when the volume is smaller);
+    used to run the modality head once instead of over every window."""
+    shape = image.shape[2:]
+    pads = _symmetric_padding(shape, window_size)
+    if any(p for pair in pads for p in pair):
+        image = F.pad(image, [p for pair in reversed(pads) for p in pair], mode="constant", value=0.0)
+        shape = image.shape[2:]
+    starts = [(size - win) // 2 for size, win in zip(shape, window_size)]
+    sl = tuple(slice(s, s + int(w)) for s, w in zip(starts, window_size))
+    return image[(slice(None), slice(None), *sl)]

@@ -1,0 +1,76 @@
+"""Build small saved model directories (random weights) for the inference/evaluation tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from hermes.config import ModelConfig
+from hermes.data.catalog import Catalog, DatasetEntry, TaskSpec
+from hermes.data.modalities import ModalityVocabulary
+from hermes.data.normalization import ChannelNorm
+from hermes.data.preprocess import PreprocessPlan
+from hermes.models.registry import build_model, save_model
+
+# (dataset name, modality, label names, dataset folder or None)
+DatasetDef = tuple[str, str, Sequence[str], Path | None]
+
+
+def make_catalog(datasets: Sequence[DatasetDef]) -> Catalog:
+    vocabulary = ModalityVocabulary.builtin()
+    tasks: list[TaskSpec] = []
+    entries: list[DatasetEntry] = []
+    for name, modality, labels, folder in datasets:
+        ids = []
+        for label in labels:
+            ids.append(len(tasks))
+            tasks.append(TaskSpec(f"{name}/{label}", len(tasks), ((name, label),)))
+        entries.append(
+            DatasetEntry(
+                name=name,
+                path=folder or Path(f"/nonexistent/{name}"),
+                folder=folder.name if folder else f"Dataset900_{name}",
+                modality=modality,
+                modality_id=vocabulary.id(modality),
+                family=vocabulary.family(modality),
+                channel_names=(modality,),
+                labels={"background": 0, **{label: i for i, label in enumerate(labels, start=1)}},
+                task_ids=ids,
+                label_values=[(i,) for i in range(1, len(labels) + 1)],
+                local_names=list(labels),
+                num_train=2,
+                num_test=1,
+            )
+        )
+    return Catalog(tasks=tasks, vocabulary=vocabulary, datasets=entries)
+
+
+def make_model_dir(
+    directory: Path,
+    datasets: Sequence[DatasetDef] = (("CTSet", "CT", ("liver", "kidney"), None), ("MRSet", "T1", ("hippo",), None)),
+    spacing: Sequence[float] = (2.0, 2.0, 2.0),
+    patch_size: Sequence[int] = (32, 32, 32),
+    architecture: str = "hermes_resunet",
+    preset: str = "tiny",
+    seed: int = 0,
+    **model_overrides: object,
+) -> Path:
+    """A saved model directory as the trainer writes it (random weights)."""
+    torch.manual_seed(seed)
+    catalog = make_catalog(datasets)
+    config = ModelConfig(architecture=architecture, preset=preset, **model_overrides)  # type: ignore[arg-type]
+    own = None if architecture.startswith("hermes_") else catalog.datasets[0].task_ids
+    model = build_model(config, catalog.num_tasks, catalog.num_modalities, own, patch_size)
+    plans = {}
+    for entry in catalog.datasets:
+        norm = ChannelNorm("ct", ct_mean=40.0, ct_std=300.0) if entry.family == "ct" else ChannelNorm(entry.family)
+        plans[entry.name] = PreprocessPlan(entry.name, entry.modality, tuple(spacing), (norm,)).to_dict()  # type: ignore[arg-type]
+    spec = {
+        "catalog": catalog.to_dict(),
+        "preprocessing": plans,
+        "patch_size": list(patch_size),
+        "training": {"steps": 0, "note": "random weights for tests"},
+    }
+    return save_model(directory, model, spec)

@@ -1,0 +1,89 @@
+"""Sliding-window stitching against MONAI, padding, mirroring TTA, bounded accumulator dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.inferers import sliding_window_inference as monai_swi
+
+from hermes.inference.sliding_window import (
+    central_window,
+    max_coverage,
+    mirror_combinations,
+    sliding_window_inference,
+    window_slices,
+)
+
+
+def _net(seed: int = 0, out: int = 3) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, out, 3, padding=1)
+    ).eval()
+
+
+@pytest.mark.parametrize("shape", [(40, 30, 21), (12, 50, 16)])  # second: smaller than the window on 2 axes
+def test_matches_monai_gaussian(shape: tuple[int, int, int]) -> None:
+    net = _net()
+    image = torch.randn(1, 1, *shape)
+    ours = sliding_window_inference(
+        image, net, (16, 16, 16), overlap=0.5, window_batch_size=3, precision="fp32", channels_last=False,
+        accumulate_dtype=torch.float32,
+    )
+    with torch.no_grad():
+        ref = monai_swi(image, (16, 16, 16), 3, net, overlap=0.5, mode="gaussian")[0]
+    assert ours.shape == ref.shape == (3, *shape)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    half = sliding_window_inference(image, net, (16, 16, 16), overlap=0.5, precision="fp32", channels_last=False)
+    assert half.dtype == torch.float16  # the default accumulator: half the memory of MONAI's
+    assert (torch.sigmoid(half.float()) - torch.sigmoid(ref)).abs().max() < 2e-3
+
+
+def test_mirroring_averages_flipped_passes() -> None:
+    net = _net(1, out=2)
+    image = torch.randn(1, 1, 16, 16, 16)  # one window: the blend is the identity
+    tta = sliding_window_inference(
+        image, net, (16, 16, 16), mirror_axes=(0, 2), precision="fp32", accumulate_dtype=torch.float32
+    )
+    with torch.no_grad():
+        passes = [net(image)]
+        for dims in ([2], [4], [2, 4]):
+            passes.append(torch.flip(net(torch.flip(image, dims)), dims))
+    expected = torch.stack(passes).mean(0)[0]
+    assert torch.allclose(tta, expected, atol=1e-5)
+    assert mirror_combinations((0, 1, 2)) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+
+
+def test_windows_cover_the_volume_and_bound_the_float16_range() -> None:
+    shape, window = (50, 33, 16), (16, 16, 16)
+    slices = window_slices(shape, window, 0.5)
+    covered = torch.zeros(shape, dtype=torch.int32)
+    for sl in slices:
+        covered[sl] += 1
+    assert int(covered.min()) >= 1
+    assert max_coverage(slices, shape) == int(covered.max())
+    # Huge logits must not overflow the float16 accumulator.
+    big = sliding_window_inference(
+        torch.zeros(1, 1, *shape), lambda x: torch.full((x.shape[0], 1, *x.shape[2:]), 1e6), window, precision="fp32"
+    )
+    assert torch.isfinite(big).all() and float(big.min()) > 1000
+
+
+def test_bad_network_output_is_reported() -> None:
+    with pytest.raises(RuntimeError, match="expected"):
+        sliding_window_inference(torch.zeros(1, 1, 8, 8, 8), lambda x: x[:, :, :4], (8, 8, 8), precision="fp32")
+
+
+def test_central_window_pads_small_volumes() -> None:
+    image = torch.arange(6 * 20 * 9, dtype=torch.float32).reshape(1, 1, 6, 20, 9)
+    window = central_window(image, (8, 8, 8))
+    assert window.shape == (1, 1, 8, 8, 8)
+    assert float(window[0, 0, 1, 0, 0]) == float(image[0, 0, 0, 6, 0])  # x padded by 1, y starts at 6
+
+
+def test_bf16_autocast_runs() -> None:
+    net = _net()
+    image = torch.randn(1, 1, 20, 20, 20)
+    fp32 = sliding_window_inference(image, net, (16, 16, 16), precision="fp32")
+    bf16 = sliding_window_inference(image, net, (16, 16, 16), precision="bf16", channels_last=True)
+    assert (torch.sigmoid(fp32.float()) - torch.sigmoid(bf16.float())).abs().max() < 0.05
