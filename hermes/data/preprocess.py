@@ -264,6 +264,8 @@ def restore_to_original(
     reorientation. The result has ``meta['original_shape']`` and belongs with
     ``meta['original_affine']``.
     """
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        array = np.array(array)  # e.g. a read-only memory map of the cache; torch needs writable
     tensor = torch.as_tensor(array)
     channel_first = tensor.ndim == 4
     data = tensor if channel_first else tensor[None]
