@@ -1,0 +1,82 @@
+"""``hermes cohort``: generate the built-in synthetic cohort and print what was written."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from hermes.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="output folder (one nnU-Net v2 raw dataset per subfolder)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files (default 0)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0,
+        help="voxels per axis relative to the default (~64-96^3); 0.5 for quick tests, 2 for large volumes",
+    )
+    parser.add_argument("--datasets", nargs="+", metavar="NAME", help="subset by name, short name or number (e.g. 101 LiverCT)")
+    parser.add_argument("--cases", type=int, help="training cases per dataset (default: each dataset's own number)")
+    parser.add_argument("--test-cases", type=int, help="test cases per dataset (default: each dataset's own number)")
+    parser.add_argument("--preview", action="store_true", help="also write OUT/previews/<dataset>.png (slices + labels)")
+    parser.add_argument("--list", action="store_true", help="describe the datasets without generating anything")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hermes.synthetic.cohort import generate_cohort, summarize
+    from hermes.synthetic.datasets import select_datasets
+
+    if args.scale <= 0:
+        raise ConfigError(f"--scale must be positive, got {args.scale}")
+    for option in ("cases", "test_cases"):
+        value = getattr(args, option)
+        if value is not None and value < (1 if option == "cases" else 0):
+            raise ConfigError(f"--{option.replace('_', '-')} must be at least {1 if option == 'cases' else 0}, got {value}")
+    specs = select_datasets(args.datasets)
+    if args.list:
+        rows = [
+            {
+                "dataset": s.name,
+                "mimics": s.mimics,
+                "modality": s.modality,
+                "train": s.n_train,
+                "test": s.n_test,
+                "shape": "x".join(map(str, s.shape_for(args.scale))),
+                "spacing": "x".join(f"{v:g}" for v in s.spacing_for(args.scale)),
+                "orientation": s.orientation,
+                "labels": ", ".join(s.label_names),
+            }
+            for s in specs
+        ]
+        print(_table(rows))
+        return 0
+    if args.out is None:
+        raise ConfigError("hermes cohort needs --out DIR (or --list)")
+    start = time.perf_counter()
+    folders = generate_cohort(
+        args.out,
+        seed=args.seed,
+        scale=args.scale,
+        datasets=[s.name for s in specs],
+        cases=args.cases,
+        test_cases=args.test_cases,
+        preview=args.preview,
+        progress=not args.quiet,
+    )
+    elapsed = time.perf_counter() - start
+    print(_table([summarize(folder) for folder in folders]))
+    n_cases = sum(len(list((f / "imagesTr").iterdir())) + len(list((f / "imagesTs").iterdir())) for f in folders)
+    print(f"\n{len(folders)} datasets, {n_cases} cases in {args.out} ({elapsed:.1f} s, seed {args.seed}, scale {args.scale:g})")
+    if args.preview:
+        print(f"previews: {args.out / 'previews'}")
+    return 0
