@@ -190,13 +190,13 @@ class MedContextConfig(Strict):
     consistency_weight: float = Field(default=1.0, ge=0.0)
     consistency_rampup_steps: int = Field(default=0, ge=0)  # linear 0 -> weight; 0: no ramp
     masked_supervision_weight: float = Field(default=1.0, ge=0.0)
-    # Separate teacher: momentum min(1 - 1/(step+1), teacher_momentum) per optimiser step.
-    teacher_momentum: float = Field(default=0.996, ge=0.0, le=1.0)
+    # Teacher EMA momentum min(1 - 1/(step+1), teacher_momentum) per optimiser step.
+    teacher_momentum: float = Field(default=0.996, ge=0.0, lt=1.0)
     # Tasks (names or unambiguous short names) excluded from supervision inside masked
     # regions, e.g. lesions that context cannot predict (also from consistency there).
     exclude_tasks: list[str] = Field(default_factory=list)
-    # True: the teacher is the validation EMA (one copy of the weights less; its decay is then
-    # `ema_decay` and `teacher_momentum` is unused); False: a separate teacher copy.
+    # True: the teacher is the validation EMA (one copy of the weights less; the trainer then
+    # runs that EMA with `teacher_momentum` instead of `ema_decay`); False: a separate copy.
     reuse_validation_ema: bool = False
 
     @field_validator("mask_patch")
