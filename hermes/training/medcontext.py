@@ -144,8 +144,8 @@ class MedContext:
                 raise ConfigError(
                     "medcontext.reuse_validation_ema is true but the trainer has no validation EMA"
                 )
-            # The validation EMA is already updated every step by the trainer with its own
-            # decay (`ema_decay`). MedContext must not update it a second time.
+            # The trainer already updates the validation EMA every step (and runs it at
+            # `teacher_momentum` in this mode). MedContext must not update it a second time.
             self.teacher = unwrap_model(getattr(ema, "module", ema))
         else:
             self.teacher = copy.deepcopy(unwrap_model(model))
