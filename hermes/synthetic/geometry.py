@@ -142,6 +142,11 @@ class Ellipsoid:
     rot: np.ndarray = field(default_factory=lambda: np.eye(3))
     wobble: SineField | None = None
 
+    def __post_init__(self) -> None:
+        self.centre = np.asarray(self.centre, dtype=np.float64)
+        self.semi = np.asarray(self.semi, dtype=np.float64)
+        self.rot = np.asarray(self.rot, dtype=np.float64)
+
     @classmethod
     def random_wobble(
         cls,
@@ -156,7 +161,8 @@ class Ellipsoid:
 
     def extent(self, margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """World bounding box of the (wobbled, dilated) shape."""
-        half = np.abs(self.rot) @ self.semi * 1.3 + margin
+        # Exact half-widths of the rotated ellipsoid, +30% for the wobble.
+        half = np.sqrt((self.rot**2) @ (self.semi**2)) * 1.3 + margin
         return self.centre - half, self.centre + half
 
     def level(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:

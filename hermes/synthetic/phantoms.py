@@ -121,20 +121,16 @@ def render_abdomen(rng: np.random.Generator, grid: Grid, lesions: LesionPlan) ->
     # --- body wall: skin/subcutaneous fat, muscle, visceral cavity (cylinders along z) ---
     ax, ay = 148.0 * size * rng.uniform(0.95, 1.05), 102.0 * size * rng.uniform(0.95, 1.05)
     fat_t, wall_t = rng.uniform(10.0, 28.0), rng.uniform(8.0, 13.0)
-    body_c = np.array([0.0, 0.0, 0.0])
     long = 5000.0  # "infinite" along z: the field of view cuts the trunk
     back = 0.9  # the back is flatter than the belly: posterior half uses a shorter y semi-axis
-    for code, shrink in ((T.FAT, 0.0), (T.MUSCLE, fat_t), (T.FAT, fat_t + wall_t)):
-        front = Ellipsoid.random_wobble(rng, body_c, [ax - shrink, ay - shrink, long], amount=0.02)
-        rear = Ellipsoid(body_c, np.array([ax - shrink, ay * back - shrink, long]), front.rot, front.wobble)
-        _paint_half(canvas, front, rear, code)
+    _paint_body(canvas, rng, ax, ay, back, ((T.FAT, 0.0), (T.MUSCLE, fat_t), (T.FAT, fat_t + wall_t)))
     y_back = -ay * back
     cavity_y_front = ay - fat_t - wall_t
 
     # --- spine and back muscles (posterior midline) ---
     spine_y = y_back + rng.uniform(58.0, 66.0)
     vert_r = rng.uniform(17.0, 21.0)
-    tilt = rotation(rx=rng.uniform(-3, 3))
+    tilt = np.eye(3)  # straight: long cylinders must stay axis-aligned to keep their boxes small
     paraspinal = [
         Ellipsoid.random_wobble(rng, [side * 33.0, spine_y - 38.0, 0.0], [24.0, 22.0, long], tilt, 0.03)
         for side in (-1, 1)
@@ -157,11 +153,10 @@ def render_abdomen(rng: np.random.Generator, grid: Grid, lesions: LesionPlan) ->
     aorta_x = -rng.uniform(10.0, 18.0)
     aorta_y = spine_y + vert_r + rng.uniform(12.0, 16.0)
     aorta_r = rng.uniform(9.5, 12.5)
-    aorta = Ellipsoid(np.array([aorta_x, aorta_y, 0.0]), np.array([aorta_r, aorta_r, long]), rotation(rx=rng.uniform(-5, 5), ry=rng.uniform(-3, 3)))
+    aorta = Ellipsoid(np.array([aorta_x, aorta_y, 0.0]), np.array([aorta_r, aorta_r, long]), np.eye(3))
     ivc = Ellipsoid(
         np.array([rng.uniform(18.0, 26.0), aorta_y + rng.uniform(-2.0, 4.0), 0.0]),
         np.array([rng.uniform(11.0, 14.0), rng.uniform(8.0, 10.0), long]),
-        rotation(rx=rng.uniform(-5, 5)),
     )
 
     # --- organs (sampled in a reference frame, then painted low -> high priority) ---
@@ -269,15 +264,25 @@ def render_abdomen(rng: np.random.Generator, grid: Grid, lesions: LesionPlan) ->
     return Phantom(canvas.tissue, grid, "abdomen", intended)
 
 
-def _paint_half(canvas: Canvas, front: Ellipsoid, rear: Ellipsoid, code: int) -> None:
-    """Paint a body cross-section whose anterior half is ``front`` and posterior half ``rear``."""
-    found = canvas.region([front])
-    if found is None:
-        return
-    box, _ = found
-    x, y, z = (c[box] for c in canvas.deformed)
-    inside = np.where(y >= 0, front.level(x, y, z), rear.level(x, y, z)) < 1.0
-    canvas.tissue[box][inside] = code
+def _paint_body(
+    canvas: Canvas, rng: np.random.Generator, ax: float, ay: float, back: float, layers: tuple[tuple[int, float], ...]
+) -> None:
+    """Paint nested trunk cross-sections (skin/fat, muscle wall, cavity) on the whole grid.
+
+    Hand-written rather than with :class:`Ellipsoid` because the trunk covers every voxel: one
+    outline wobble (in mm) is shared by all layers and the anterior/posterior halves use
+    different y semi-axes, which costs one pass instead of two ellipsoids per layer.
+    """
+    x, y, z = canvas.deformed
+    wobble = SineField.random(rng, 4, (150.0, 400.0), 3.0)(x, y, z)  # mm
+    x2 = x * x
+    y2 = y * y
+    front = y >= 0
+    for code, shrink in layers:
+        semi_y = np.where(front, np.float32(ay - shrink), np.float32(ay * back - shrink))
+        radius = np.sqrt(x2 / np.float32((ax - shrink) ** 2) + y2 / (semi_y * semi_y))
+        inside = radius + wobble / np.float32(ax - shrink) < 1.0
+        canvas.tissue[inside] = code
 
 
 def _clip_to(canvas: Canvas, code: int, allowed: Ellipsoid, restore: int) -> None:
