@@ -1,0 +1,407 @@
+"""The adaptation engine shared by `hermes finetune` and `hermes extend`.
+
+1. load the base model and its catalog; merge the new catalog into it (old ids kept);
+2. build the model for the merged catalog and warm-start it from the base (old rows exact);
+3. optionally freeze the backbone;
+4. train on the new datasets' cache (plus, for extend, rehearsal samples and a distillation
+   term supplied by the caller) with the project's loss, optimiser, schedule and EMA;
+5. save a normal model directory: the EMA weights, a spec whose catalog is the merged one and
+   whose preprocessing plans are the base model's plus the new datasets', and ``catalog.yaml``.
+
+The loop is deliberately the trainer's recipe in miniature (same loss, LAMB/AdamW factory,
+warm-up + decay, gradient clipping, EMA, AMP) rather than a hook into ``hermes train``: an
+adaptation run needs two data sources, a second (frozen) model and a partly frozen network,
+and no validation/checkpointing machinery for a few hundred steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from hermes.adaptation.merge import MergedCatalog, merge_catalogs
+from hermes.adaptation.warm_start import (
+    WarmStartPlan,
+    describe_plan,
+    freeze_backbone,
+    frozen_norm_modules,
+    plan_warm_start,
+    warm_start_state,
+)
+from hermes.config import AdaptationConfig, DataConfig, ModelConfig
+from hermes.data.catalog import Catalog, load_catalog
+from hermes.errors import ConfigError, DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+ExtraLoss = Callable[[nn.Module, dict[str, Any], int], dict[str, Tensor]]
+
+
+# --------------------------------------------------------------------------------------------
+# Base model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BaseModel:
+    directory: Path
+    model: nn.Module
+    spec: dict[str, Any]
+    catalog: Catalog
+
+    @property
+    def is_universal(self) -> bool:
+        return self.spec["model"].get("task_ids_of_model") is None
+
+
+def model_catalog(directory: Path, spec: dict[str, Any]) -> Catalog:
+    """The catalog a saved model was trained with (spec.json first: needs no dataset folder)."""
+    if isinstance(spec.get("catalog"), dict):
+        return Catalog.from_dict(spec["catalog"])
+    path = directory / "catalog.yaml"
+    if not path.is_file():
+        raise ModelError(f"{directory}: neither spec.json 'catalog' nor catalog.yaml found")
+    return load_catalog(path)
+
+
+def load_base(directory: str | Path, device: torch.device | str = "cpu") -> BaseModel:
+    from hermes.models.registry import load_model
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelError(f"base model directory not found: {directory}")
+    model, spec = load_model(directory, device=device)
+    catalog = model_catalog(directory, spec)
+    if catalog.num_tasks != spec["model"]["num_tasks"]:
+        raise ModelError(
+            f"{directory}: its catalog has {catalog.num_tasks} tasks but the model {spec['model']['num_tasks']}"
+        )
+    return BaseModel(directory, model, spec, catalog)
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing the new model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class AdaptationSetup:
+    base: BaseModel
+    merged: MergedCatalog
+    model: nn.Module
+    plan: WarmStartPlan
+    train_catalog: Catalog  # merged ids, only the datasets trained on
+    frozen: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.merged.catalog
+
+
+def _subset_catalog(catalog: Catalog, names: list[str]) -> Catalog:
+    wanted = set(names)
+    return Catalog(
+        tasks=catalog.tasks,
+        vocabulary=catalog.vocabulary,
+        datasets=[entry for entry in catalog.datasets if entry.name in wanted],
+        preprocessing=catalog.preprocessing,
+        source=None,
+        spec=catalog.spec,
+    )
+
+
+def subset_catalog(catalog: Catalog, names: list[str]) -> Catalog:
+    """The catalog with only ``names`` datasets (task/modality ids unchanged): a loader input."""
+    return _subset_catalog(catalog, names)
+
+
+def prepare(config: AdaptationConfig, device: torch.device | str = "cpu", base: BaseModel | None = None) -> AdaptationSetup:
+    """Steps 1-3 of the module docstring."""
+    from hermes.models.registry import build_model
+
+    base = base or load_base(config.base_model, device)
+    new_catalog = load_catalog(config.catalog)
+    merged = merge_catalogs(base.catalog, new_catalog)
+    catalog = merged.catalog
+
+    train_names = list(config.datasets) if config.datasets else [
+        entry.name for entry in new_catalog.datasets if not entry.test_only
+    ]
+    for name in train_names:
+        if name not in merged.new_datasets:
+            raise ConfigError(
+                f"datasets: {name!r} is not a dataset of {config.catalog} (it has: {', '.join(merged.new_datasets)})"
+            )
+    if not train_names:
+        raise ConfigError(f"{config.catalog}: no dataset to train on (all are test_only)")
+
+    spec_model = base.spec["model"]
+    model_config = ModelConfig.model_validate(spec_model["config"])
+    own: list[int] | None = None
+    if not base.is_universal:
+        own = sorted({t for entry in catalog.datasets if entry.name in train_names for t in entry.task_ids})
+    model = build_model(model_config, catalog.num_tasks, catalog.num_modalities, own, spec_model.get("patch_size"))
+
+    plan = plan_warm_start(
+        base.catalog.task_names, catalog.task_names, base.catalog.modalities, catalog.modalities, config.warm_start
+    )
+    old_state = {k: v.detach().cpu() for k, v in base.model.state_dict().items()}
+    new_state = model.state_dict()
+    state, reinit = warm_start_state(old_state, new_state, plan, reinit_mismatched=not base.is_universal)
+    if not base.is_universal:
+        old_own = [base.catalog.task_names[t] for t in spec_model["task_ids_of_model"]]
+        new_own = [catalog.task_names[t] for t in own or []]
+        if old_own != new_own:
+            # A per-dataset model's output channels are its own tasks: different tasks, new head.
+            for key in list(state):
+                if key.startswith(("network.head.", "network.deep_heads.")) and key not in reinit:
+                    state[key] = new_state[key].clone()
+                    reinit.append(key)
+    model.load_state_dict(state, strict=True)
+    for line in describe_plan(plan, catalog.task_names, catalog.modalities):
+        log.info("warm start: %s", line)
+    if reinit:
+        log.info("re-initialised (task-specific output layers): %s", ", ".join(reinit))
+
+    frozen: list[str] = []
+    if config.freeze == "backbone":
+        frozen = freeze_backbone(model)
+    return AdaptationSetup(base, merged, model, plan, _subset_catalog(catalog, train_names), frozen, reinit)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def data_config_for(config: AdaptationConfig, base: BaseModel) -> DataConfig:
+    """The adaptation run's data settings: the config's, else defaults at the model's patch size."""
+    if config.data is not None:
+        return config.data
+    patch = base.spec["model"].get("patch_size") or base.spec.get("patch_size")
+    return DataConfig(patch_size=list(patch)) if patch else DataConfig()
+
+
+def choose_cases(
+    available: dict[str, list[str]], names: list[str], limit: int | None, seed: int, what: str
+) -> dict[str, list[str]]:
+    """Training cases per dataset: all, or a seeded random subset of ``limit``."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        ids = sorted(available.get(name, []))
+        if not ids:
+            raise DataError(f"{what}: dataset {name!r} has no cached training case (run `hermes prepare`)")
+        if limit is not None and len(ids) > limit:
+            rng = np.random.default_rng([seed, len(name), sum(map(ord, name))])
+            ids = sorted(rng.choice(ids, size=limit, replace=False).tolist())
+        out[name] = ids
+    return out
+
+
+def make_loader(
+    catalog: Catalog, cache: Path, data: DataConfig, cases: dict[str, list[str]], seed: int
+) -> Iterator[dict[str, Any]]:
+    from hermes.data.loader import make_train_loader
+
+    return iter(make_train_loader(catalog, cache, data, seed, cases=cases))
+
+
+def concat_batches(a: dict[str, Any], b: dict[str, Any], null_task_id: int) -> dict[str, Any]:
+    """One batch of the samples of two batches, task slots padded to the larger count."""
+    t = max(a["task_ids"].shape[1], b["task_ids"].shape[1])
+
+    def pad(batch: dict[str, Any]) -> dict[str, Any]:
+        extra = t - batch["task_ids"].shape[1]
+        if extra == 0:
+            return batch
+        n = batch["task_ids"].shape[0]
+        target = batch["target"]
+        return {
+            **batch,
+            "target": torch.cat([target, target.new_zeros((n, extra, *target.shape[2:]))], dim=1),
+            "task_ids": torch.cat([batch["task_ids"], batch["task_ids"].new_full((n, extra), null_task_id)], dim=1),
+            "task_mask": torch.cat([batch["task_mask"], batch["task_mask"].new_zeros((n, extra))], dim=1),
+        }
+
+    a, b = pad(a), pad(b)
+    out: dict[str, Any] = {}
+    for key in a:
+        if isinstance(a[key], Tensor):
+            out[key] = torch.cat([a[key], b[key]], dim=0)
+        else:
+            out[key] = list(a[key]) + list(b[key])
+    return out
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            value = value.to(device, non_blocking=True)
+            if key == "image" and channels_last:
+                value = value.contiguous(memory_format=torch.channels_last_3d)
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model: nn.Module  # the EMA model (what is saved)
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def train(
+    model: nn.Module,
+    batches: Iterator[dict[str, Any]],
+    config: AdaptationConfig,
+    device: torch.device,
+    frozen: list[str] | None = None,
+    extra_batches: Iterator[dict[str, Any]] | None = None,
+    extra_loss: ExtraLoss | None = None,
+    null_task_id: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """``config.steps`` optimiser steps on ``batches`` (+ ``extra_batches`` appended to each)."""
+    import time
+
+    from hermes.training.ema import ModelEMA
+    from hermes.training.loss import HermesLoss
+    from hermes.training.optim import build_optimizer, build_scheduler, clip_gradients
+    from hermes.training.precision import resolve_amp
+
+    torch.manual_seed(config.seed)
+    amp = resolve_amp(config.precision, "auto", device)
+    model = model.to(device)
+    if amp.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.steps)
+    scaler = amp.make_scaler()
+    ema = ModelEMA(model, config.ema_decay)
+    loss_fn = HermesLoss(config.loss)
+    keep_eval = frozen_norm_modules(model, frozen or [])
+    if extra_batches is not None and null_task_id is None:
+        raise ValueError("extra_batches needs null_task_id")
+
+    history: list[dict[str, float]] = []
+    running: dict[str, float] = {}
+    start = time.perf_counter()
+    model.train()
+    for module in keep_eval:
+        module.eval()
+    bar = tqdm(range(config.steps), desc="adapt", unit="step", disable=not progress)
+    for step in bar:
+        batch = next(batches)
+        if extra_batches is not None:
+            batch = concat_batches(batch, next(extra_batches), int(null_task_id))  # type: ignore[arg-type]
+        batch = to_device(batch, device, amp.channels_last)
+        with amp.autocast():
+            output = model(batch["image"], batch["task_ids"], batch["modality_id"], batch["task_mask"])
+            terms = loss_fn(output, batch)
+            total = terms["total"]
+            if extra_loss is not None:
+                for name, value in extra_loss(model, batch, step).items():
+                    terms[name] = value
+                    total = total + value
+        if not torch.isfinite(total):
+            raise ModelError(f"adaptation diverged at step {step} (loss {float(total)}); lower optim.lr")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        clip_gradients(trainable, config.optim.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        ema.update(model, step)
+        for name, value in terms.items():
+            if name != "total":
+                running[name] = running.get(name, 0.0) + float(value.detach())
+        running["loss"] = running.get("loss", 0.0) + float(total.detach())
+        running["_n"] = running.get("_n", 0.0) + 1
+        if (step + 1) % max(config.log_every, 1) == 0 or step + 1 == config.steps:
+            n = running.pop("_n")
+            row = {"step": float(step + 1), **{k: v / n for k, v in running.items()}}
+            row["lr"] = float(scheduler.get_last_lr()[0])
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            running = {}
+    ema_model = ema.module
+    ema_model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    return TrainResult(ema_model, history, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+def merged_spec(
+    setup: AdaptationSetup, cache: Path, kind: str, config: AdaptationConfig, result: TrainResult
+) -> dict[str, Any]:
+    """The base spec with the merged catalog, the new datasets' plans and an adaptation record."""
+    from hermes.data.cache import open_cache
+
+    spec = copy.deepcopy({k: v for k, v in setup.base.spec.items() if k != "model"})
+    catalog = setup.catalog
+    spec["catalog"] = catalog.to_dict()
+    for key, value in (("task_names", catalog.task_names), ("modalities", catalog.modalities)):
+        if key in spec:
+            spec[key] = value
+    plans = dict(spec.get("preprocessing") or {})
+    index = open_cache(cache)
+    for name in setup.merged.new_datasets:
+        if name in index.plans:
+            plans[name] = index.plans[name].to_dict()
+    spec["preprocessing"] = plans
+    history = list(spec.get("adaptation") or [])
+    history.append(
+        {
+            "kind": kind,
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "base_model": str(setup.base.directory),
+            "catalog": str(config.catalog),
+            "cache": str(cache),
+            "trained_on": [entry.name for entry in setup.train_catalog.datasets],
+            "added_tasks": [catalog.task_names[i] for i in setup.merged.added_tasks],
+            "added_modalities": [catalog.modalities[i] for i in setup.merged.added_modalities],
+            "warm_start": describe_plan(setup.plan, catalog.task_names, catalog.modalities),
+            "freeze": config.freeze,
+            "steps": config.steps,
+            "seconds": round(result.seconds, 1),
+            "config": config.model_dump(mode="json"),
+            "final_loss": result.history[-1] if result.history else None,
+        }
+    )
+    spec["adaptation"] = history
+    return spec
+
+
+def write_model_dir(directory: Path, model: nn.Module, spec: dict[str, Any], catalog: Catalog) -> Path:
+    """weights + spec + catalog.yaml + train_log into ``directory`` (which must exist)."""
+    from hermes.fileio import atomic_write_text
+    from hermes.models.registry import save_model
+
+    save_model(directory, model, spec)
+    atomic_write_text(directory / "catalog.yaml", catalog.to_yaml())
+    return directory
+
+
+def finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
