@@ -277,10 +277,11 @@ class WarmStartConfig(Strict):
     """How the rows added to the prior pools (new tasks, new modalities) start.
 
     Old rows are copied bit-exactly. ``mean``: the mean of the old pool's real rows (a neutral
-    "some structure" token); ``random``: the fresh initialisation of a new model; ``copy``: the
-    row of the existing task/modality named in ``task_from``/``modality_from`` (mandatory for
-    every new name then). ``task_from`` entries also override ``task_init`` per task, e.g.
-    ``{"NewLiverSet/tumor": "Dataset103_LiverCT/tumor"}``.
+    "some structure" token, plus 10% of a fresh random row to tell new tasks apart);
+    ``random``: the fresh initialisation of a new model; ``copy``: the row of the existing
+    task/modality named in ``task_from``/``modality_from`` (mandatory for every new name then).
+    ``task_from`` entries also override ``task_init`` per task, e.g.
+    ``{"NewLiverCT/liver": "AbdomenCT/liver"}``.
     """
 
     task_init: TokenInit = "mean"
