@@ -360,15 +360,44 @@ def merged_spec(
 
     spec = copy.deepcopy({k: v for k, v in setup.base.spec.items() if k != "model"})
     catalog = setup.catalog
+    # The merged catalog, serialised (readers prefer it to catalog.yaml: no dataset folder needed),
+    # and the trainer's summary keys, kept consistent with it when the base spec has them.
     spec["catalog"] = catalog.to_dict()
-    for key, value in (("task_names", catalog.task_names), ("modalities", catalog.modalities)):
+    updates: dict[str, Any] = {
+        "task_names": catalog.task_names,
+        "modalities": catalog.modalities,
+        "unknown_modality_id": catalog.unknown_modality_id,
+        "null_task_id": catalog.null_task_id,
+    }
+    for key, value in updates.items():
         if key in spec:
             spec[key] = value
-    plans = dict(spec.get("preprocessing") or {})
+    if isinstance(spec.get("datasets"), list):
+        known = {item.get("name") for item in spec["datasets"] if isinstance(item, dict)}
+        by_name = {entry.name: entry for entry in catalog.datasets}
+        for item in spec["datasets"]:  # old entries: modality ids may have moved (unknown)
+            if isinstance(item, dict) and item.get("name") in by_name:
+                item["modality_id"] = by_name[item["name"]].modality_id
+        for entry in setup.train_catalog.datasets:
+            if entry.name not in known:
+                item = entry.to_dict()
+                item.pop("path", None)  # machine-specific, as in `hermes train`'s spec
+                spec["datasets"].append(item)
     index = open_cache(cache)
-    for name in setup.merged.new_datasets:
-        if name in index.plans:
-            plans[name] = index.plans[name].to_dict()
+    new_plans = {
+        name: index.plans[name].to_dict()
+        for name in (entry.name for entry in setup.train_catalog.datasets)
+        if name in index.plans
+    }
+    plans = spec.get("preprocessing")
+    if isinstance(plans, dict) and isinstance(plans.get("datasets"), dict):
+        # {"datasets": {name: plan}, "modalities": {modality: plan}} (hermes train's layout)
+        plans["datasets"].update(new_plans)
+        by_modality = plans.setdefault("modalities", {})
+        for name, plan in new_plans.items():
+            by_modality.setdefault(catalog.dataset(name).modality, plan)
+    else:
+        plans = {**(plans or {}), **new_plans}  # flat {name: plan}
     spec["preprocessing"] = plans
     history = list(spec.get("adaptation") or [])
     history.append(

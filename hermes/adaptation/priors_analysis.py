@@ -56,6 +56,11 @@ class PoolView:
 
 
 def _find(model: nn.Module, kind: type[nn.Module]) -> nn.Module | None:
+    """The model's module of that type (``prototype_head`` first: deep-supervision heads are
+    PrototypeHeads too)."""
+    named = getattr(model, "prototype_head", None)
+    if isinstance(named, kind):
+        return named
     for module in model.modules():
         if isinstance(module, kind):
             return module
@@ -202,8 +207,10 @@ def similarity_matrices(
     modality_names: list[str],
     posterior: np.ndarray | None = None,
     posterior_counts: np.ndarray | None = None,
+    used_modalities: Sequence[int] | None = None,
 ) -> list[SimilarityMatrix]:
-    """All matrices of a model (see the module docstring)."""
+    """All matrices of a model (see the module docstring). ``used_modalities``: modality ids
+    (unknown = M) of the catalog's datasets; the modality plots keep only those."""
     pools = prior_pools(model)
     num_tasks = len(task_names)
     if pools[0].task_tokens.shape[0] != num_tasks + 1:
@@ -230,8 +237,14 @@ def similarity_matrices(
         )
     )
     if pools[0].modality_tokens is not None:
-        modality_labels = (*modality_names, "unknown")
-        means = [v.modality_tokens.mean(dim=1) for v in pools if v.modality_tokens is not None]
+        # Only modalities some dataset trained (the vocabulary's other rows are untouched
+        # random initialisations and would only add noise to the plot).
+        rows = list(range(len(modality_names) + 1))
+        if used_modalities is not None and len(set(used_modalities)) >= 2:
+            rows = sorted(set(used_modalities))
+        all_labels = (*modality_names, "unknown")
+        modality_labels = tuple(all_labels[i] for i in rows)
+        means = [v.modality_tokens.mean(dim=1)[rows] for v in pools if v.modality_tokens is not None]
         for view, mean in zip(pools, means):
             out.append(
                 SimilarityMatrix(

@@ -7,7 +7,8 @@ fusion blocks, prototype head) has the same shape whatever T and M are, so it is
 
 Old rows are copied **bit-exactly** to the same ids (the merged catalog keeps old ids), NULL
 and UNKNOWN move to the new last row, and the added rows start as configured
-(:class:`hermes.config.WarmStartConfig`): the mean of the old real rows, the fresh Xavier
+(:class:`hermes.config.WarmStartConfig`): the mean of the old real rows (plus 10% of a fresh
+random row, so that several new tasks do not start as identical tokens), the fresh Xavier
 initialisation of the new model, or a copy of a named existing row. A new modality's
 classifier row always starts fresh (a class weight copied from another class would make the
 two indistinguishable for the modality loss).
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 TASK_POOL_SUFFIX = "task_tokens"
 MODALITY_POOL_SUFFIX = "modality_tokens"
+MEAN_INIT_JITTER = 0.1
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,8 @@ def _grow_pool(old: Tensor, fresh: Tensor, old_real: int, new_real: int, rows: d
     mean = old[:old_real].mean(dim=0) if old_real > 0 else fresh[0]
     for index, source in rows.items():
         if source.kind == "mean":
-            out[index] = mean
+            # + 10% of the fresh row: several new tasks must not start as identical tokens.
+            out[index] = mean + MEAN_INIT_JITTER * fresh[index]
         elif source.kind == "copy":
             out[index] = old[int(source.source)]  # type: ignore[arg-type]
         # "random": keep the fresh initialisation
