@@ -97,6 +97,12 @@ class ModelConfig(Strict):
     multiscale_prototypes: bool = True  # ablation: False uses only the last stage's posteriors
     prototype_dim: int | None = None  # None: the final decoder width
     attention_head_dim: int = 32  # paper: dim_head 32, heads = width / 32
+    # Hermes: the image features read the selected task tokens, so the requested task list is
+    # context (query a dataset's full task list, as the paper's oracle does). False: features
+    # read only the modality tokens; each task's mask is then independent of the other
+    # requested tasks (any subset gives identical logits). Needs modality_priors.
+    task_conditioned_features: bool = True
+    # Extra outputs at 1/2 and 1/4 resolution (Hermes-M's auxiliary head is the 1/4 one).
     deep_supervision: bool = False
 
     @model_validator(mode="after")
@@ -105,6 +111,11 @@ class ModelConfig(Strict):
             raise ValueError("fusion_blocks must have one entry per fusion stage")
         if len(set(self.fusion_stages)) != len(self.fusion_stages):
             raise ValueError("fusion_stages has duplicates")
+        hermes = self.architecture.startswith("hermes_")
+        if hermes and not self.fusion_stages:
+            raise ValueError("a Hermes architecture needs at least one fusion stage")
+        if hermes and not self.task_conditioned_features and not self.modality_priors:
+            raise ValueError("task_conditioned_features: false needs modality_priors (nothing left to read)")
         return self
 
 

@@ -1,0 +1,63 @@
+"""Heads that turn posterior priors into predictions (reference ``hermes_utils.py``).
+
+* :class:`PrototypeHead`: the task parts of the posteriors of several fusion stages are
+  concatenated per task (multi-scale context), normalised and mapped by two MLPs to one
+  prototype vector per task. A task's mask logits are the dot product of its prototype with the
+  final decoder features at every voxel: no bias, no temperature, one independent sigmoid
+  channel per task (no softmax across tasks, no background channel).
+* :class:`ModalityHead`: the modality parts are concatenated, normalised, averaged over the
+  modality tokens and classified into the M known modalities (an auxiliary task that makes the
+  modality tokens carry imaging information).
+
+Both return float32 even under bf16 autocast so that sigmoid, losses and thresholds downstream
+see full precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hermes.models.fusion import Mlp
+
+
+class PrototypeHead(nn.Module):
+    """Concat(task posteriors) -> LN -> MLP(in, in, D) -> MLP(D, D, D) = prototypes (B, T, D)."""
+
+    def __init__(self, in_dim: int, prototype_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.mlp = nn.Sequential(
+            Mlp(in_dim, in_dim, prototype_dim), Mlp(prototype_dim, prototype_dim, prototype_dim)
+        )
+        for module in self.mlp.modules():
+            if isinstance(module, nn.Linear):  # the reference initialisation
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def prototypes(self, task_tokens: list[Tensor]) -> Tensor:
+        """task_tokens: per stage (B, T, C_stage) -> (B, T, D)."""
+        return self.mlp(self.norm(torch.cat(task_tokens, dim=2)))
+
+    def forward(self, task_tokens: list[Tensor], features: Tensor) -> Tensor:
+        """features (B, D, *S) -> logits (B, T, *S), float32."""
+        prototypes = self.prototypes(task_tokens)
+        flat = features.flatten(2)  # (B, D, N); strided but BLAS-friendly when channels_last
+        if not torch.is_autocast_enabled(features.device.type):
+            flat = flat.to(prototypes.dtype)
+        logits = torch.bmm(prototypes, flat)  # (B, T, N)
+        return logits.float().unflatten(2, features.shape[2:])
+
+
+class ModalityHead(nn.Module):
+    """Concat(modality posteriors) -> LN -> mean over tokens -> MLP(in, in, M) logits."""
+
+    def __init__(self, in_dim: int, num_modalities: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.mlp = Mlp(in_dim, in_dim, num_modalities)
+
+    def forward(self, modality_tokens: list[Tensor]) -> Tensor:
+        """modality_tokens: per stage (B, L, C_stage) -> (B, M), float32."""
+        pooled = self.norm(torch.cat(modality_tokens, dim=2)).mean(dim=1)
+        return self.mlp(pooled).float()

@@ -1,0 +1,94 @@
+"""The universal Hermes model: one network, many datasets, tasks selected by context priors.
+
+    image, task_ids (B, T), modality_id (B,)
+      -> ContextPriors: per fusion stage, the T task tokens (NULL on padded slots) + L modality tokens
+      -> backbone with prior fusion at enc2 / enc3 / bottleneck / dec1 / dec2
+         (Hermes-R: two-way cross-attention blocks; Hermes-M: priors ride along MedFormer's map tokens)
+      -> posterior task tokens of all stages -> PrototypeHead -> one prototype per requested task
+         -> logits = prototype . final features  (B, T, *S), one sigmoid mask per task
+      -> posterior modality tokens -> ModalityHead -> (B, M)
+
+Only the requested tasks' tokens are selected, so the cost grows with the requested T, not with
+the catalog. Padded slots (task_mask False, or the NULL id) are masked out of every attention
+that the image features or the real tokens read, so they change nothing in the real outputs;
+their own logits are meaningless and must be ignored through ``task_mask``.
+
+By default (the paper's design) the image features read the requested task tokens, so the task
+list is *context*: query a dataset's full task list. With ``task_conditioned_features=False``
+the features read only the modality tokens and any subset of tasks yields identical logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from hermes.models.heads import ModalityHead, PrototypeHead
+from hermes.models.priors import ContextPriors, PriorTokens, check_ids, task_validity
+
+
+@dataclass
+class SegmentationOutput:
+    logits: Tensor  # (B, T_req, *S) float32, one sigmoid channel per requested task
+    modality_logits: Tensor | None = None  # (B, M) or None
+    deep_supervision: list[Tensor] = field(default_factory=list)  # (B, T_req, *lower), high-res first
+
+
+class HermesModel(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        priors: ContextPriors,
+        prototype_head: PrototypeHead,
+        prototype_stages: Sequence[str],
+        modality_head: ModalityHead | None = None,
+        feature_projection: nn.Module | None = None,
+        deep_supervision_heads: dict[str, PrototypeHead] | None = None,
+        task_conditioned_features: bool = True,
+    ) -> None:
+        super().__init__()
+        self.priors = priors
+        self.backbone = backbone
+        self.prototype_head = prototype_head  # registered before the deep-supervision heads
+        self.prototype_stages = list(prototype_stages)
+        self.modality_head = modality_head
+        self.feature_projection = feature_projection
+        self.deep_supervision_heads = nn.ModuleDict(deep_supervision_heads or {})
+        self.task_conditioned_features = task_conditioned_features
+
+    @property
+    def num_tasks(self) -> int:
+        return self.priors.num_tasks
+
+    @property
+    def num_modalities(self) -> int:
+        return self.priors.num_modalities
+
+    def _select_priors(self, task_ids: Tensor, valid: Tensor, modality_id: Tensor) -> dict[str, PriorTokens]:
+        priors = self.priors(task_ids, valid, modality_id)
+        if not self.task_conditioned_features:
+            num_tasks = task_ids.shape[1]
+            for tokens in priors.values():
+                tokens.key_mask = tokens.key_mask.clone()
+                tokens.key_mask[:, :num_tasks] = False  # features read the modality tokens only
+        return priors
+
+    def forward(
+        self, image: Tensor, task_ids: Tensor, modality_id: Tensor, task_mask: Tensor | None = None
+    ) -> SegmentationOutput:
+        check_ids(task_ids, modality_id, self.num_tasks, self.num_modalities)
+        valid = task_validity(task_ids, self.priors.null_task_id, task_mask)
+        if not bool(valid.any(dim=1).all()):
+            raise ValueError("every sample needs at least one real (unpadded) task")
+        num_tasks = task_ids.shape[1]
+        out = self.backbone(image, self._select_priors(task_ids, valid, modality_id))
+        task_tokens = [out.posteriors[stage][:, :num_tasks] for stage in self.prototype_stages]
+        features = out.features if self.feature_projection is None else self.feature_projection(out.features)
+        logits = self.prototype_head(task_tokens, features)
+        modality_logits = None
+        if self.modality_head is not None:
+            modality_logits = self.modality_head([post[:, num_tasks:] for post in out.posteriors.values()])
+        deep = [head(task_tokens, out.decoder[name]) for name, head in self.deep_supervision_heads.items()]
+        return SegmentationOutput(logits, modality_logits, deep)
