@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
 from hermes.config import ModelConfig
 from hermes.data.catalog import Catalog, DatasetEntry, TaskSpec
@@ -55,6 +56,7 @@ def make_model_dir(
     architecture: str = "hermes_resunet",
     preset: str = "tiny",
     seed: int = 0,
+    layout: str = "trainer",
     **model_overrides: object,
 ) -> Path:
     """A saved model directory as the trainer writes it (random weights)."""
@@ -67,10 +69,25 @@ def make_model_dir(
     for entry in catalog.datasets:
         norm = ChannelNorm("ct", ct_mean=40.0, ct_std=300.0) if entry.family == "ct" else ChannelNorm(entry.family)
         plans[entry.name] = PreprocessPlan(entry.name, entry.modality, tuple(spacing), (norm,)).to_dict()  # type: ignore[arg-type]
-    spec = {
-        "catalog": catalog.to_dict(),
-        "preprocessing": plans,
-        "patch_size": list(patch_size),
-        "training": {"steps": 0, "note": "random weights for tests"},
-    }
-    return save_model(directory, model, spec)
+    if layout == "trainer":  # what hermes.training.plan.model_spec writes
+        by_modality: dict[str, dict] = {}
+        for entry in catalog.datasets:
+            by_modality.setdefault(entry.modality, plans[entry.name])
+        datasets_info = [{k: v for k, v in e.to_dict().items() if k != "path"} for e in catalog.datasets]
+        spec: dict[str, object] = {
+            "format": "hermes-model",
+            "task_names": catalog.task_names,
+            "modalities": catalog.modalities,
+            "datasets": datasets_info,
+            "preprocessing": {"datasets": plans, "modalities": by_modality},
+            "patch_size": list(patch_size),
+            "training": {"steps": 0, "note": "random weights for tests"},
+        }
+    else:  # adaptation output: serialised catalog, flat plans
+        spec = {"catalog": catalog.to_dict(), "preprocessing": plans, "patch_size": list(patch_size)}
+    save_model(directory, model, spec)
+    if all(folder is not None for *_, folder in datasets):
+        catalog_yaml = {"datasets": [{"path": str(folder), "name": name, "modality": modality}
+                                     for name, modality, _, folder in datasets]}
+        (directory / "catalog.yaml").write_text(yaml.safe_dump(catalog_yaml))
+    return directory

@@ -195,3 +195,17 @@ def test_realmini_case_and_dicom_series_geometry(realmini_root: Path, tmp_path: 
     world = series.affine @ corners
     label_corners = np.linalg.inv(label.affine) @ world
     assert np.allclose(np.sort(label_corners[:3], axis=1), np.sort(corners[:3], axis=1), atol=1e-2)
+
+
+def test_adaptation_layout_and_traditional_baseline(tmp_path: Path) -> None:
+    """spec.json with a serialised catalog and flat plans (adaptation output) loads the same
+    way; a per-dataset baseline predicts its own tasks and needs no modality."""
+    adapted = make_model_dir(tmp_path / "adapted", layout="adaptation")
+    predictor = Predictor(adapted, device="cpu", config=FAST)
+    assert predictor.task_names == ["CTSet/liver", "CTSet/kidney", "MRSet/hippo"]
+    assert predictor.trained_modalities == ["CT", "T1"]
+    baseline = make_model_dir(tmp_path / "baseline", datasets=(("CTSet", "CT", ("liver", "kidney"), None),),
+                              architecture="resunet")
+    result = Predictor(baseline, device="cpu", config=FAST).predict(Image(_ct(), RAS.copy()), progress=False)
+    assert result.modality_source == "the model's only modality"
+    assert result.tasks == ["CTSet/liver", "CTSet/kidney"] and result.labels.shape == _ct().shape  # type: ignore[union-attr]

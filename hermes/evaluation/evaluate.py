@@ -606,12 +606,17 @@ def evaluate_model(
     """
     from hermes.data.catalog import load_catalog
     from hermes.data.readers import open_dataset
-    from hermes.inference.predictor import Predictor
+    from hermes.inference.predictor import Predictor, dataset_catalog
 
     config = config or EvaluationConfig()
     inference = inference or InferenceConfig()
     predictor = Predictor(model_dir, device=device, config=inference)
-    catalog = load_catalog(catalog_path) if catalog_path is not None else predictor.catalog
+    if catalog_path is not None:
+        catalog = load_catalog(catalog_path)
+    elif isinstance(predictor.spec.get("catalog"), dict):
+        catalog = predictor.catalog  # serialised with dataset paths (adaptation output)
+    else:
+        catalog = dataset_catalog(predictor.model_dir)  # catalog.yaml: needs the dataset folders
     entries = list(catalog.datasets)
     if datasets:
         wanted = {d.lower() for d in datasets}

@@ -37,9 +37,9 @@ import torch
 
 from hermes import __version__
 from hermes.config import InferenceConfig
-from hermes.data.catalog import Catalog, load_catalog
+from hermes.data.catalog import Catalog, DatasetEntry, TaskSpec, load_catalog
 from hermes.data.imageio import Image, image_suffix, load_image, save_image
-from hermes.data.modalities import UNKNOWN
+from hermes.data.modalities import UNKNOWN, ModalityVocabulary
 from hermes.data.preprocess import PreprocessPlan, preprocess_image, restore_to_original
 from hermes.errors import ConfigError, DataError, HermesError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_json
@@ -144,14 +144,42 @@ def check_output(path: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------------------------
 # Model directory
 # ----------------------------------------------------------------------------------------------
-def _load_catalog(model_dir: Path, spec: dict[str, Any]) -> Catalog:
-    """The catalog the model was trained with: serialised in spec.json (no dataset folder
-    needed), else MODEL/catalog.yaml (whose dataset folders must then exist)."""
-    if isinstance(spec.get("catalog"), dict):
-        return Catalog.from_dict(spec["catalog"])
+def _catalog_from_spec(spec: dict[str, Any]) -> Catalog:
+    """The catalog as ``hermes train`` records it in spec.json (task names, modality names,
+    dataset entries without their machine-specific paths)."""
+    datasets = []
+    families: dict[str, str] = {}
+    for item in spec["datasets"]:
+        entry = DatasetEntry.from_dict({**item, "path": item.get("path") or f"<not stored>/{item['folder']}"})
+        datasets.append(entry)
+        families.setdefault(entry.modality, entry.family)
+    return Catalog(
+        tasks=[TaskSpec(str(name), index) for index, name in enumerate(spec["task_names"])],
+        vocabulary=ModalityVocabulary.from_names([str(m) for m in spec["modalities"]], families),
+        datasets=datasets,
+    )
+
+
+def model_catalog(model_dir: Path, spec: dict[str, Any]) -> Catalog:
+    """The catalog a model was trained with, without needing its dataset folders: spec.json's
+    serialised ``catalog`` (adaptation output), else its ``task_names``/``modalities``/
+    ``datasets`` (``hermes train`` output), else MODEL/catalog.yaml."""
+    where = model_dir / "spec.json"
+    try:
+        if isinstance(spec.get("catalog"), dict):
+            return Catalog.from_dict(spec["catalog"])
+        if all(key in spec for key in ("task_names", "modalities", "datasets")):
+            return _catalog_from_spec(spec)
+    except (ConfigError, KeyError, TypeError, ValueError) as error:
+        raise ModelError(f"{where}: invalid catalog information: {error!r}") from None
+    return dataset_catalog(model_dir)
+
+
+def dataset_catalog(model_dir: Path) -> Catalog:
+    """MODEL/catalog.yaml resolved against its dataset folders (to evaluate on their cases)."""
     path = model_dir / "catalog.yaml"
     if not path.is_file():
-        raise ModelError(f"{model_dir}: neither spec.json 'catalog' nor catalog.yaml found")
+        raise ModelError(f"{model_dir}: no catalog.yaml (pass the catalog explicitly)")
     try:
         return load_catalog(path)
     except HermesError as error:
@@ -159,17 +187,28 @@ def _load_catalog(model_dir: Path, spec: dict[str, Any]) -> Catalog:
 
 
 def _load_plans(model_dir: Path, spec: dict[str, Any]) -> list[PreprocessPlan]:
-    """spec["preprocessing"]: {name: PreprocessPlan dict} (keyed by dataset or modality)."""
+    """spec["preprocessing"]: ``{"datasets": {name: plan}, "modalities": {name: plan}}``
+    (``hermes train``) or a flat ``{name: plan}``; every distinct plan is a candidate."""
     raw = spec.get("preprocessing")
+    where = model_dir / "spec.json"
     if not isinstance(raw, dict) or not raw:
-        raise ModelError(f"{model_dir / 'spec.json'}: no 'preprocessing' plans; cannot preprocess images")
-    plans = []
-    for key, value in raw.items():
+        raise ModelError(f"{where}: no 'preprocessing' plans; cannot preprocess images")
+    items: list[tuple[str, Any]] = []
+    if isinstance(raw.get("datasets"), dict) or isinstance(raw.get("modalities"), dict):
+        for section in ("datasets", "modalities"):
+            items.extend((f"{section}.{k}", v) for k, v in (raw.get(section) or {}).items())
+    else:
+        items = list(raw.items())
+    plans: dict[str, PreprocessPlan] = {}
+    for key, value in items:
         try:
-            plans.append(PreprocessPlan.from_dict(value))
+            plan = PreprocessPlan.from_dict(value)
         except (KeyError, TypeError, ValueError) as error:
-            raise ModelError(f"{model_dir / 'spec.json'}: preprocessing.{key} is not a plan: {error!r}") from None
-    return plans
+            raise ModelError(f"{where}: preprocessing.{key} is not a plan: {error!r}") from None
+        plans.setdefault(plan.digest(), plan)
+    if not plans:
+        raise ModelError(f"{where}: no preprocessing plans")
+    return list(plans.values())
 
 
 def _patch_size(model_dir: Path, spec: dict[str, Any]) -> list[int]:
@@ -208,7 +247,7 @@ class Predictor:
         self.config = config or InferenceConfig()
         self.device = resolve_device(device)
         self.model, self.spec = load_model(self.model_dir, device=self.device)
-        self.catalog = _load_catalog(self.model_dir, self.spec)
+        self.catalog = model_catalog(self.model_dir, self.spec)
         self.plans = _load_plans(self.model_dir, self.spec)
         self.patch_size = _patch_size(self.model_dir, self.spec)
         model_entry = self.spec["model"]
