@@ -209,3 +209,12 @@ def test_adaptation_layout_and_traditional_baseline(tmp_path: Path) -> None:
     result = Predictor(baseline, device="cpu", config=FAST).predict(Image(_ct(), RAS.copy()), progress=False)
     assert result.modality_source == "the model's only modality"
     assert result.tasks == ["CTSet/liver", "CTSet/kidney"] and result.labels.shape == _ct().shape  # type: ignore[union-attr]
+
+
+def test_oracle_dataset_prompt(predictor: Predictor) -> None:
+    groups = predictor.prompt_groups([2], "CT", dataset="OtherCT")
+    assert [(g.dataset, g.prompt, g.keep) for g in groups] == [("OtherCT", (2,), (2,))]
+    with pytest.raises(ConfigError, match="not tasks of dataset 'OtherCT'"):
+        predictor.prompt_groups([0], "CT", dataset="OtherCT")
+    result = predictor.predict(Image(_ct(), RAS.copy()), dataset="CTSet", progress=False)
+    assert result.tasks == ["CTSet/liver", "CTSet/kidney"] and result.modality == "CT"

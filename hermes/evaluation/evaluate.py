@@ -580,6 +580,12 @@ def evaluate_folders(
 # ----------------------------------------------------------------------------------------------
 # (b) a model on a catalog's cases
 # ----------------------------------------------------------------------------------------------
+def _model_dataset(predictor: Any, name: str) -> str | None:
+    """The oracle prompt: the dataset itself when the model was trained on it (else the tasks
+    are grouped by the datasets that trained them, e.g. for a test-only dataset)."""
+    return name if any(entry.name == name for entry in predictor.catalog.datasets) else None
+
+
 def evaluate_model(
     model_dir: str | Path,
     catalog_path: str | Path | None = None,
@@ -643,7 +649,11 @@ def evaluate_model(
             ref_image = load_image(case.label_path)  # type: ignore[arg-type]
             ref = _integer_labels(ref_image)
             prediction = predictor.predict(
-                image, tasks=tasks, modality=None if detect_modality else entry.modality, progress=False
+                image,
+                tasks=tasks,
+                modality=None if detect_modality else entry.modality,
+                progress=False,
+                dataset=None if detect_modality else _model_dataset(predictor, entry.name),
             )
             if ref.shape != prediction.shape or not np.allclose(ref_image.affine, prediction.affine, atol=1e-3):
                 raise DataError(f"{case.label_path}: label grid differs from its image {case.image_paths[0]}")

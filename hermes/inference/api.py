@@ -63,6 +63,7 @@ def predict(
     tta: bool | None = None,
     config: InferenceConfig | None = None,
     progress: bool = True,
+    dataset: str | None = None,
 ) -> Prediction:
     """Segment one image (file, DICOM folder, :class:`Image` or one file per channel).
 
@@ -72,7 +73,7 @@ def predict(
     trained for that modality. For many images build one :class:`Predictor` and reuse it.
     """
     predictor = Predictor(model_dir, device=device, config=_config(config, tta, output))
-    return predictor.predict(image, tasks=tasks, modality=modality, progress=progress)
+    return predictor.predict(image, tasks=tasks, modality=modality, progress=progress, dataset=dataset)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ def _predict_case(
     overwrite: bool,
     progress: bool,
     verbose: bool,
+    dataset: str | None = None,
 ) -> Prediction:
     check_output(target, overwrite)
     image_input: Path | list[Path] = case.paths[0] if len(case.paths) == 1 else list(case.paths)
@@ -159,12 +161,15 @@ def _predict_case(
             image = predictor.load_case(image_input)
             holder["affine"] = image.affine
             prediction = predictor.predict(
-                image, tasks=tasks, modality=modality, progress=progress, on_mask=write_mask, verbose=verbose
+                image, tasks=tasks, modality=modality, progress=progress, on_mask=write_mask, verbose=verbose,
+                dataset=dataset,
             )
             files = {task: f"{safe_name(task)}.nii.gz" for task in prediction.tasks}
             atomic_write_json(tmp / "labels.json", {**prediction.metadata(), "files": files})
         return prediction
-    prediction = predictor.predict(image_input, tasks=tasks, modality=modality, progress=progress, verbose=verbose)
+    prediction = predictor.predict(
+        image_input, tasks=tasks, modality=modality, progress=progress, verbose=verbose, dataset=dataset
+    )
     prediction.save(target, overwrite=True)
     return prediction
 
@@ -182,6 +187,7 @@ def predict_files(
     config: InferenceConfig | None = None,
     progress: bool = True,
     verbose: bool = True,
+    dataset: str | None = None,
 ) -> dict[str, Path]:
     """What ``hermes predict`` does; returns ``case_id -> written path``.
 
@@ -201,7 +207,8 @@ def predict_files(
     bar = tqdm(cases, desc="cases", unit="case", disable=not (progress and folder_input))
     for case in bar:
         prediction = _predict_case(
-            predictor, case, targets[case.case_id], tasks, modality, overwrite, progress and not folder_input, verbose
+            predictor, case, targets[case.case_id], tasks, modality, overwrite, progress and not folder_input, verbose,
+            dataset,
         )
         label_maps.append(prediction.label_map())
         if verbose:

@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--modality", help="image modality (e.g. CT, T1); default: predicted by the model")
     parser.add_argument(
+        "--dataset",
+        help="prompt as this training dataset (its tasks, modality and preprocessing: the paper's oracle "
+        "prompt); default: tasks grouped by the datasets that trained them",
+    )
+    parser.add_argument(
         "--output", dest="output_type", choices=["multilabel", "binary"], default=None,
         help=f"one label map + JSON of label names (overlaps: the most probable task wins), or one binary "
         f"mask per task (default: {defaults.output})",
@@ -66,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         args.output_path,
         tasks=args.tasks,
         modality=args.modality,
+        dataset=args.dataset,
         output_mode=args.output_type,
         overwrite=args.overwrite,
         device=None if args.device == "auto" else args.device,

@@ -363,10 +363,25 @@ class Predictor:
 
         return max(candidates, key=covered)  # max keeps the first plan on ties
 
-    def prompt_groups(self, task_ids: Sequence[int], modality: str) -> list[PromptGroup]:
+    def _dataset_plan(self, entry: DatasetEntry, modality: str) -> PreprocessPlan:
+        plan = next((p for p in self.plans if p.dataset == entry.name), None)
+        if plan is None or plan.modality != modality:  # a test-only dataset, or another modality
+            plan = self.plan_for(modality, entry.task_ids)
+        return plan
+
+    def prompt_groups(self, task_ids: Sequence[int], modality: str, dataset: str | None = None) -> list[PromptGroup]:
+        """Sliding-window passes for ``task_ids``: grouped by the dataset that trained them
+        (``dataset`` forces one dataset's prompt, the paper's oracle), each prompted with its
+        dataset's full task list."""
+        if dataset is not None:
+            entry = self.catalog.dataset(dataset)
+            outside = [self.catalog.tasks[t].name for t in task_ids if t not in entry.task_ids]
+            if outside:
+                raise ConfigError(f"task(s) {', '.join(outside)} are not tasks of dataset {entry.name!r}")
+            prompt = tuple(entry.task_ids) if self.context_prompts else tuple(task_ids)
+            return [PromptGroup(entry.name, self._dataset_plan(entry, modality), prompt, tuple(task_ids))]
         if not self.context_prompts:
             return [PromptGroup(None, self.plan_for(modality, task_ids), tuple(task_ids), tuple(task_ids))]
-        by_name = {e.name: e for e in self.catalog.datasets}
         entries = sorted(self.catalog.datasets, key=lambda e: e.modality != modality)  # stable: same modality first
         remaining = list(task_ids)
         groups: list[PromptGroup] = []
@@ -375,10 +390,7 @@ class Predictor:
             if not keep:
                 continue
             remaining = [t for t in remaining if t not in keep]
-            plan = next((p for p in self.plans if p.dataset == entry.name), None)
-            if plan is None or plan.modality != modality:
-                plan = self.plan_for(modality, entry.task_ids)
-            groups.append(PromptGroup(entry.name, plan, tuple(by_name[entry.name].task_ids), tuple(keep)))
+            groups.append(PromptGroup(entry.name, self._dataset_plan(entry, modality), tuple(entry.task_ids), tuple(keep)))
         if remaining:  # tasks of no dataset (cannot happen with a valid catalog): one plain group
             groups.append(PromptGroup(None, self.plan_for(modality, remaining), tuple(remaining), tuple(remaining)))
         return groups
@@ -418,8 +430,12 @@ class Predictor:
         for modality in self.trained_modalities:
             if modality == UNKNOWN:
                 continue
-            prompt = self.default_tasks(modality)
-            plan = self.plan_for(modality, prompt)
+            plan = self.plan_for(modality, self.default_tasks(modality))
+            # Prompt one trained dataset's task list (the context the head was trained with).
+            entry = next((e for e in self.catalog.datasets if e.name == plan.dataset), None)
+            prompt = list(entry.task_ids) if entry is not None else self.default_tasks(modality)
+            if self.own_tasks is not None:
+                prompt = list(self.own_tasks)
             array, _ = self._preprocess(images, plan)
             window = central_window(torch.from_numpy(np.asarray(array, dtype=np.float32))[None], self.patch_size)
             window = window.to(self.device)
@@ -459,9 +475,12 @@ class Predictor:
         progress: bool = True,
         on_mask: Callable[[str, np.ndarray], None] | None = None,
         verbose: bool = False,
+        dataset: str | None = None,
     ) -> Prediction:
         """Segment one image. ``on_mask(task, mask)``: called per task in binary mode instead of
-        keeping the masks (lets the CLI write each mask as soon as it exists)."""
+        keeping the masks (lets the CLI write each mask as soon as it exists). ``dataset``:
+        prompt as that catalog dataset (its task list, modality and plan), the paper's oracle;
+        its tasks are the default tasks."""
         output = output or self.config.output
         image = self.load_case(image)
         self._preprocessed.clear()
@@ -470,6 +489,8 @@ class Predictor:
 
         # Modality
         probability: float | None = None
+        if modality is None and dataset is not None:
+            modality = self.catalog.dataset(dataset).modality
         if modality is not None:
             chosen, source = self.resolve_modality(modality), "given"
         elif len([m for m in self.trained_modalities if m != UNKNOWN]) == 1 and (
@@ -492,7 +513,12 @@ class Predictor:
         )
 
         # Tasks
-        task_ids = self.resolve_tasks(tasks) if tasks else self.default_tasks(chosen)
+        if tasks:
+            task_ids = self.resolve_tasks(tasks)
+        elif dataset is not None:
+            task_ids = list(self.catalog.dataset(dataset).task_ids)
+        else:
+            task_ids = self.default_tasks(chosen)
         names = [self.catalog.tasks[t].name for t in task_ids]
         position = {t: i for i, t in enumerate(task_ids)}
 
@@ -509,7 +535,7 @@ class Predictor:
             raise ConfigError(f"unknown output {output!r} (multilabel or binary)")
 
         mirror = (0, 1, 2) if self.config.mirror_tta else ()
-        for group in self.prompt_groups(task_ids, chosen):
+        for group in self.prompt_groups(task_ids, chosen, dataset):
             array, meta = self._preprocess(images, group.plan)
             tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))[None]
             logits = sliding_window_inference(
