@@ -27,3 +27,19 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(out, seed=0, scale=0.5, cases=3)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_cache(small_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``small_cohort`` with a default catalog (every dataset), prepared once: (catalog.yaml, cache dir)."""
+    import yaml
+
+    from hermes.data.cache import prepare_cache
+    from hermes.data.catalog import default_catalog_spec, load_catalog
+
+    root = tmp_path_factory.mktemp("small_cache")
+    folders = sorted(p for p in small_cohort.iterdir() if p.is_dir() and p.name.startswith("Dataset"))
+    catalog_path = root / "catalog.yaml"
+    catalog_path.write_text(yaml.safe_dump(default_catalog_spec(folders)))
+    prepare_cache(load_catalog(catalog_path), root / "cache", progress=False)
+    return catalog_path, root / "cache"
