@@ -11,6 +11,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,9 +104,9 @@ def write_csv(path: str | Path, sim: SimilarityMatrix) -> Path:
     return atomic_write_text(path, buffer.getvalue())
 
 
-def write_heatmap(path: str | Path, sim: SimilarityMatrix, order: Sequence[int] | None = None) -> Path:
-    """A labelled heatmap PNG. Size and font scale with the number of items so that labels stay
-    readable; values are printed in the cells when there are few enough to read them."""
+def heatmap_figure(sim: SimilarityMatrix, order: Sequence[int] | None = None) -> Any:
+    """A labelled heatmap figure. Size and font scale with the number of items so that labels
+    stay readable; values are printed in the cells when there are few enough to read them."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -135,6 +136,14 @@ def write_heatmap(path: str | Path, sim: SimilarityMatrix, order: Sequence[int] 
     ax.set_title(sim.title, fontsize=font + 2)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="cosine similarity")
     fig.tight_layout()
+    return fig
+
+
+def write_heatmap(path: str | Path, sim: SimilarityMatrix, order: Sequence[int] | None = None) -> Path:
+    """The heatmap of :func:`heatmap_figure` as a PNG (atomic write)."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(sim, order)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)

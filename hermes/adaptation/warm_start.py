@@ -168,6 +168,12 @@ def warm_start_state(
             out[key] = fresh.clone()
             reinitialised.append(key)
             continue
+        is_pool = key.endswith((TASK_POOL_SUFFIX, MODALITY_POOL_SUFFIX))
+        if is_pool and old.shape[1:] != fresh.shape[1:]:
+            raise ModelError(
+                f"prior pool {key!r} has token shape {tuple(old.shape[1:])} in the base model and "
+                f"{tuple(fresh.shape[1:])} in the new one: different architecture"
+            )
         if key.endswith(TASK_POOL_SUFFIX) and old.shape[0] == plan.old_num_tasks + 1:
             out[key] = _grow_pool(old, fresh, plan.old_num_tasks, plan.new_num_tasks, plan.task_rows)
         elif key.endswith(MODALITY_POOL_SUFFIX) and old.shape[0] == plan.old_num_modalities + 1:
