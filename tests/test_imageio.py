@@ -72,6 +72,8 @@ def test_save_with_reference_keeps_label_dtype(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4)), tmp_path / "ref.nii.gz")
     out = save_image(tmp_path / "lab.nii.gz", np.ones((3, 3, 3), np.uint8), np.eye(4), reference=tmp_path / "ref.nii.gz")
     assert load_image(out).array.dtype == np.uint8
+    again = save_image(tmp_path / "lab2.nii.gz", np.ones((3, 3, 3), np.int64), np.eye(4), reference=load_image(out))
+    assert load_image(again).array.dtype == np.int32  # int64 is narrowed for NIfTI readers
 
 
 @pytest.mark.parametrize("codes", ["RAS", "LPS", "LAS", "PSL", "IRA", "SLP"])

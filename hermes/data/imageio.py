@@ -319,6 +319,8 @@ def save_image(
     suffix = image_suffix(path)
     if suffix in NIFTI_SUFFIXES:
         ref_img = None
+        if isinstance(reference, Image):
+            reference = reference.path
         if isinstance(reference, str | Path) and image_suffix(reference) in NIFTI_SUFFIXES:
             import nibabel as nib
 
