@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
+from pathlib import Path
 
 from hermes import __version__
 
@@ -30,13 +30,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _available(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+    """Whether a stage module exists, without importing its package (which may import torch)."""
+    relative = Path(*module.split(".")[1:])
+    root = Path(__file__).resolve().parent
+    return (root / relative).with_suffix(".py").is_file() or (root / relative / "__init__.py").is_file()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (the others stay help-text only).
+
+    Stage modules import torch, MONAI and friends; importing all of them would make every
+    ``hermes`` call pay seconds of start-up for modules it never uses.
+    """
     parser = argparse.ArgumentParser(
         prog="hermes",
         description="Universal 3D medical image segmentation with context priors (Hermes).",
@@ -46,15 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         if not _available(module_name):
             continue
-        module = importlib.import_module(module_name)
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command_parser)
-        command_parser.set_defaults(_run=module.run)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(_run=module.run)
     return parser
 
 
+def _requested_command(argv: list[str]) -> str | None:
+    for token in argv:
+        if not token.startswith("-"):
+            return token if token in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_requested_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
