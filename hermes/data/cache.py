@@ -29,6 +29,8 @@ import shutil
 import statistics
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,27 +274,57 @@ def _clean_leftovers(root: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _run_jobs(
-    fn: Callable[[dict[str, Any]], dict[str, Any]], jobs: list[dict[str, Any]], workers: int, desc: str, progress: bool
-) -> Iterator[dict[str, Any]]:
-    from tqdm import tqdm
+class _Pool:
+    """Worker processes shared by both passes, created on first need (a re-run with nothing
+    to do starts none). ``spawn``, not fork: forking a process whose torch/OpenMP threads have
+    run can deadlock. A pool whose workers die (killed for memory, or unable to start, e.g.
+    ``python -`` with spawn) does not hang: the remaining jobs run in this process."""
 
-    if not jobs:
-        return
-    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress, dynamic_ncols=True)
-    try:
-        if workers <= 1 or len(jobs) == 1:
-            for job in jobs:
-                yield fn(job)
-                bar.update()
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def run(
+        self, fn: Callable[[dict[str, Any]], dict[str, Any]], jobs: list[dict[str, Any]], desc: str, progress: bool
+    ) -> Iterator[dict[str, Any]]:
+        from tqdm import tqdm
+
+        if not jobs:
             return
-        # spawn, not fork: forking a process that has used torch/OpenMP threads can deadlock.
-        with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
-            for result in pool.imap_unordered(fn, jobs, chunksize=1):
-                yield result
+        remaining = list(range(len(jobs)))
+        with tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress, dynamic_ncols=True) as bar:
+            if self.workers > 1 and len(jobs) > 1:
+                if self.executor is None:
+                    self.executor = ProcessPoolExecutor(
+                        self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker
+                    )
+                futures = {self.executor.submit(fn, job): i for i, job in enumerate(jobs)}
+                try:
+                    for future in as_completed(futures):
+                        result = future.result()
+                        remaining.remove(futures[future])
+                        bar.update()
+                        yield result
+                except BrokenProcessPool as error:
+                    log.warning("worker processes died (%s); continuing in this process", error)
+                    self.executor.shutdown(wait=False, cancel_futures=True)
+                    self.executor = None
+                    self.workers = 1
+                finally:
+                    for future in futures:
+                        future.cancel()
+            for i in list(remaining):
+                result = fn(jobs[i])
+                remaining.remove(i)
                 bar.update()
-    finally:
-        bar.close()
+                yield result
 
 
 def prepare_cache(
@@ -304,6 +336,12 @@ def prepare_cache(
     config = catalog.preprocessing
     workers = config.workers if workers is None else workers
     _clean_leftovers(out)
+    with _Pool(workers) as pool:
+        return _prepare(catalog, out, pool, progress)
+
+
+def _prepare(catalog: Catalog, out: Path, pool: _Pool, progress: bool) -> PrepareReport:
+    config = catalog.preprocessing
     from hermes.data.readers import open_dataset
 
     infos = {entry.name: open_dataset(entry.path) for entry in catalog.datasets}
@@ -335,7 +373,7 @@ def prepare_cache(
                 }
             )
     job_of = {tuple(job["key"]): job for job in jobs}
-    for result in _run_jobs(_fingerprint_job, jobs, workers, "fingerprint", progress):
+    for result in pool.run(_fingerprint_job, jobs, "fingerprint", progress):
         dataset, case_id = result["key"]
         job = job_of[(dataset, case_id)]
         result["ct_channels"] = job["ct_channels"]
@@ -386,7 +424,7 @@ def prepare_cache(
     done: list[tuple[str, str, str]] = list(reused)
     split_of = {(j["dataset"], j["case_id"]): j["split"] for j in jobs}
     sig_of = {(j["dataset"], j["case_id"]): j["signature"] for j in jobs}
-    for result in _run_jobs(_case_job, jobs, workers, "prepare", progress):
+    for result in pool.run(_case_job, jobs, "prepare", progress):
         key = (result["dataset"], result["case_id"])
         if result["status"] == "ok":
             report.processed += 1
