@@ -64,13 +64,30 @@ class BaseModel:
 
 
 def model_catalog(directory: Path, spec: dict[str, Any]) -> Catalog:
-    """The catalog a saved model was trained with (spec.json first: needs no dataset folder)."""
+    """The catalog a saved model was trained with, with its dataset folders when possible.
+
+    spec.json's serialised catalog (adaptation output) first; else MODEL/catalog.yaml (``hermes
+    train`` output; resolving it needs the dataset folders, which evaluating the old tasks
+    needs anyway); else, when those folders are gone, the summary in spec.json (the old
+    datasets can then be neither evaluated nor rehearsed from raw data).
+    """
+    from hermes.errors import HermesError
+    from hermes.inference.predictor import model_catalog as spec_catalog
+
     if isinstance(spec.get("catalog"), dict):
         return Catalog.from_dict(spec["catalog"])
     path = directory / "catalog.yaml"
-    if not path.is_file():
-        raise ModelError(f"{directory}: neither spec.json 'catalog' nor catalog.yaml found")
-    return load_catalog(path)
+    if path.is_file():
+        try:
+            catalog = load_catalog(path)
+        except HermesError as error:
+            log.warning("%s: %s; using the catalog summary of spec.json (no dataset folders)", path, error)
+        else:
+            names = spec.get("task_names")
+            if names is not None and list(names) != catalog.task_names:
+                raise ModelError(f"{path}: its tasks differ from spec.json's task_names; the model directory is inconsistent")
+            return catalog
+    return spec_catalog(directory, spec)
 
 
 def load_base(directory: str | Path, device: torch.device | str = "cpu") -> BaseModel:

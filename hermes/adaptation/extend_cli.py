@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerance", type=float, help="max allowed drop of any old task's mean Dice, in points (default 2)"
     )
     parser.add_argument("--gate-max-cases", type=int, help="test cases per old dataset scored by the gate")
+    parser.add_argument("--gate-datasets", nargs="+", help="old datasets scored by the gate (default: all with test cases)")
     parser.add_argument("--no-gate", action="store_true", help="skip the before/after evaluation (no protection)")
     parser.add_argument("--force", action="store_true", help="write the model even if the gate fails")
     parser.add_argument("--report", type=Path, help="also write the before/after report JSON here")
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         ("old_cache", "old_cache"), ("rehearsal_cases", "rehearsal_cases"), ("rehearsal_batch", "rehearsal_batch"),
         ("distill_weight", "distill_weight"), ("distill_loss", "distill_loss"),
         ("forgetting_tolerance", "tolerance"), ("gate_max_cases", "gate_max_cases"),
+        ("gate_datasets", "gate_datasets"),
     ):
         value = getattr(args, flag)
         if value is not None:
