@@ -307,3 +307,13 @@ def test_full_catalog_prepares_end_to_end(realmini_root: Path, small_cohort: Pat
     expected = sum(entry.num_train + entry.num_test for entry in catalog.datasets)
     assert report.processed == expected and not report.skipped
     assert sum(len(ids) for splits in index.cases.values() for ids in splits.values()) == expected
+
+
+def test_file_removed_after_cataloguing_names_the_file(tmp_path: Path) -> None:
+    image, label = phantom((20, 20, 16))
+    folder = write_dataset(tmp_path, {"a": (image, np.eye(4), label, np.eye(4)), "b": (image, np.eye(4), label, np.eye(4))})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"datasets": [{"path": str(folder)}]}))
+    catalog = load_catalog(tmp_path / "c.yaml")
+    (folder / "labelsTr" / "b.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"b_0000.nii.gz: training image without a label"):
+        prepare_cache(catalog, tmp_path / "cache", workers=1, progress=False)

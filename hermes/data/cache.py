@@ -63,7 +63,10 @@ def _signature(paths: Iterable[Path | None]) -> list[list[Any]]:
     for path in paths:
         if path is None:
             continue
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as error:
+            raise DataError(f"{path}: cannot read the file ({error.strerror})") from None
         out.append([str(path), int(stat.st_size), int(stat.st_mtime_ns)])
     return out
 
@@ -355,7 +358,11 @@ def _prepare(catalog: Catalog, out: Path, pool: _Pool, progress: bool) -> Prepar
     for entry in catalog.datasets:
         for case in infos[entry.name].cases:
             key = (entry.name, case.case_id)
-            signature = _signature(case.image_paths)
+            try:
+                signature = _signature([*case.image_paths, case.label_path])[: len(case.image_paths)]
+            except DataError as error:  # a file removed since the dataset was listed
+                fingerprints[key] = {"error": str(error), "split": case.split}
+                continue
             use_stats = case.split == "train" and not entry.test_only
             ct_channels = [use_stats and family == "ct" for family in families[entry.name]]
             cached = _read_json(state / entry.name / f"{case.case_id}.fp.json")
