@@ -280,7 +280,7 @@ def test_realmini_lps_tiny_and_test_only(realmini_root: Path, tmp_path: Path) ->
     ]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"datasets": datasets}))
     catalog = load_catalog(tmp_path / "c.yaml")
-    prepare_cache(catalog, tmp_path / "cache", workers=2, progress=False)
+    prepare_cache(catalog, tmp_path / "cache", workers=1, progress=False)
     index = open_cache(tmp_path / "cache")
     assert len(index.cases["HippocampusMR"]["train"]) == 3 and index.cases["TotalSegCT"]["test"]
     assert index.plans["BrainTumourMR"].target_spacing == (1.0, 1.0, 1.0)
