@@ -109,7 +109,7 @@ class PriorFusion(nn.Module):
         """Return the fused feature map (same shape and memory format) and the posterior priors."""
         spatial = feature.shape[2:]
         channels_last = feature.is_contiguous(memory_format=torch.channels_last_3d)
-        voxels = feature.flatten(2).transpose(1, 2)  # (B, N, C): a view when channels_last
+        voxels = feature.flatten(2).transpose(1, 2).contiguous()  # (B, N, C): free when channels_last
         tokens = priors.tokens
         for block in self.blocks:
             voxels, tokens = block(voxels, tokens, priors.key_mask)

@@ -28,6 +28,15 @@ def make_norm(name: NormName, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {name!r}")
 
 
+class MaxPool(nn.MaxPool3d):
+    """Max-pooling in the input's dtype: CPU autocast's fp32 policy for ``max_pool3d`` would only
+    add two full-size copies (a max is exact in bf16)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x)
+
+
 def same_padding(kernel: Sequence[int]) -> list[int]:
     return [k // 2 for k in kernel]
 

@@ -279,7 +279,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     if not weights.is_file():
         raise ModelError(f"{weights}: not found")
     try:
-        state = load_file(str(weights), device=str(device))
+        state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelError(f"{weights}: unreadable or corrupt: {error}") from None
     expected = model.state_dict()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from hermes.models.backbone import STAGE_LEVEL, BackboneOutput
 from hermes.models.fusion import PriorFusion
-from hermes.models.layers import BasicBlock, NormName, blocks, concat_skip
+from hermes.models.layers import BasicBlock, MaxPool, NormName, blocks, concat_skip
 from hermes.models.priors import PriorTokens
 
 ENCODER_STAGE = {2: "enc2", 3: "enc3", 4: "bottleneck"}
@@ -44,8 +44,7 @@ class ResUNet(nn.Module):
             nn.Conv3d(in_channels, w[0], 3, padding=1, bias=False), BasicBlock(w[0], w[0], norm)
         )
         self.down = nn.ModuleList(
-            nn.Sequential(nn.MaxPool3d(tuple(downsample[i])), blocks(w[i], w[i + 1], n[i], norm))
-            for i in range(4)
+            nn.Sequential(MaxPool(tuple(downsample[i])), blocks(w[i], w[i + 1], n[i], norm)) for i in range(4)
         )
         # up[j] produces level 3 - j; block counts mirror the encoder (reference up1..up4).
         self.up = nn.ModuleList(
