@@ -386,6 +386,9 @@ def merged_spec(
         "unknown_modality_id": catalog.unknown_modality_id,
         "null_task_id": catalog.null_task_id,
     }
+    trained = [entry.name for entry in setup.train_catalog.datasets]
+    if not setup.base.is_universal and "dataset" in spec and len(trained) == 1:
+        updates["dataset"] = trained[0]  # a per-dataset model now serves the new dataset
     for key, value in updates.items():
         if key in spec:
             spec[key] = value
