@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,9 +311,9 @@ def run_extend(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     if not accepted:
-        warnings.warn(
-            f"forgetting gate failed: {', '.join(c.task for c in outcome_gate.violations)} dropped more than "  # type: ignore[union-attr]
-            f"{config.forgetting_tolerance:g} Dice points; {destination} was NOT replaced, the new model is in {target}",
-            stacklevel=2,
+        log.warning(
+            "forgetting gate failed: %s dropped more than %g Dice points; %s was NOT replaced, the new model is in %s",
+            ", ".join(c.task for c in outcome_gate.violations),  # type: ignore[union-attr]
+            config.forgetting_tolerance, destination, target,
         )
     return ExtendOutcome(target, outcome_gate, report)
