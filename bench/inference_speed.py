@@ -142,11 +142,25 @@ def synthetic_ct(shape: tuple[int, int, int]) -> np.ndarray:
     return ct
 
 
+def _proc_mb(key: str) -> float:
+    """VmRSS / VmHWM (peak) of this process from /proc, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM (Linux: `5` to clear_refs) so a phase's own peak can be read."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def pipeline_child(args: argparse.Namespace) -> None:
     """Runs inside the subprocess; prints one JSON line."""
     import hermes.inference.predictor as predictor_module
     from hermes.config import InferenceConfig
     from hermes.data.imageio import Image
+    from hermes.inference.sliding_window import WindowRunner
 
     timings: dict[str, float] = {}
     if args.stitcher == "monai":
@@ -154,16 +168,22 @@ def pipeline_child(args: argparse.Namespace) -> None:
 
         def stitch(image, network, window, *, overlap, window_batch_size, blend, mirror_axes, device, precision,
                    channels_last, progress):
+            # Same network call as Hermes' stitcher (autocast, layout): only the stitching differs.
+            runner = WindowRunner(network, torch.device("cpu"), precision, channels_last, mirror_axes)
             with torch.inference_mode():
-                return monai_swi(image, tuple(window), window_batch_size, network, overlap=overlap, mode=blend)[0]
+                return monai_swi(image, tuple(window), window_batch_size, runner, overlap=overlap, mode=blend)[0]
     else:
         stitch = predictor_module.sliding_window_inference
 
     def timed_stitch(*a, **k):
+        rss = _proc_mb("VmRSS")
+        _reset_peak()
         start, start_cpu = time.perf_counter(), time.process_time()
         out = stitch(*a, **k)
         timings["sliding_window_s"] = timings.get("sliding_window_s", 0.0) + time.perf_counter() - start
         timings["sliding_window_cpu_s"] = timings.get("sliding_window_cpu_s", 0.0) + time.process_time() - start_cpu
+        timings["sliding_window_added_mb"] = max(timings.get("sliding_window_added_mb", 0.0), _proc_mb("VmHWM") - rss)
+        timings["stitched_output_mb"] = out.numel() * out.element_size() / 2**20
         return out
 
     predictor_module.sliding_window_inference = timed_stitch
@@ -175,16 +195,19 @@ def pipeline_child(args: argparse.Namespace) -> None:
         model_dir = _model(args.preset, args.tasks, args.spacing, args.patch, Path(tmp) / "model")
         config = InferenceConfig(overlap=args.overlap, window_batch_size=args.batch, precision=args.precision)
         predictor = predictor_module.Predictor(model_dir, device="cpu", config=config, channels_last=args.channels_last)
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_before = _proc_mb("VmRSS")
+        _reset_peak()  # the synthetic CT's temporaries are not part of the prediction
         start, start_cpu = time.perf_counter(), time.process_time()
         prediction = predictor.predict(image, modality="CT", progress=False)
         total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _proc_mb("VmHWM")
+    peak_process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "preset": args.preset, "stitcher": args.stitcher, "precision": args.precision, "tasks": args.tasks,
         "ct_shape": list(shape), "model_spacing_mm": args.spacing, "patch": args.patch, "overlap": args.overlap,
         "total_s": round(total, 2), "total_cpu_s": round(total_cpu, 2), **{k: round(v, 2) for k, v in timings.items()},
-        "peak_rss_mb": round(peak), "rss_before_predict_mb": round(rss_before),
+        "peak_rss_predict_mb": round(peak), "rss_before_predict_mb": round(rss_before),
+        "peak_rss_process_mb": round(peak_process),
         "input_mb": round(image.array.nbytes / 2**20), "labels_shape": list(prediction.labels.shape),  # type: ignore[union-attr]
     }))
 
@@ -192,14 +215,14 @@ def pipeline_child(args: argparse.Namespace) -> None:
 def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
     rows = []
     for preset in args.presets:
-        for stitcher, precision in (("hermes", "fp32"), ("monai", "fp32"), ("hermes", "auto")):
+        for stitcher, precision in args.runs:
             if stitcher == "monai" and args.skip_monai:
                 continue
             cmd = [sys.executable, __file__, "pipeline-child", "--preset", preset, "--stitcher", stitcher,
                    "--precision", precision, "--tasks", str(args.tasks), "--spacing", str(args.spacing),
                    "--patch", str(args.patch), "--overlap", str(args.overlap), "--batch", str(args.batch),
                    "--ct-shape", *map(str, args.ct_shape)]
-            if stitcher == "hermes" and precision == "auto":
+            if precision == "auto":
                 cmd.append("--channels-last")
             result = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ})
             if result.returncode != 0:
@@ -229,7 +252,12 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--skip-monai", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--runs", nargs="+", default=["hermes:fp32", "monai:fp32", "hermes:auto", "monai:auto"],
+        help="pipeline: STITCHER:PRECISION pairs",
+    )
     args = parser.parse_args()
+    args.runs = [tuple(run.split(":")) for run in args.runs]
     if args.part == "pipeline-child":
         pipeline_child(args)
         return

@@ -244,10 +244,9 @@ def sliding_window_inference(
         for index, sl in enumerate(group):
             weight[sl] += importance
             target = (slice(None), *sl)
-            if exact:
-                accumulator[target] += logits[index]
-            else:
-                accumulator[target] = (accumulator[target].float() + logits[index]).to(accumulate_dtype)
+            # In-place add in the accumulator's dtype: one rounding per window, like a float32
+            # sum rounded to float16, without a float32 copy of the window's accumulator.
+            accumulator[target] += logits[index] if exact else logits[index].to(accumulate_dtype)
     assert accumulator is not None  # at least one window always exists
 
     # Normalise one task at a time: the float32 temporary is one volume, not T volumes.
