@@ -177,6 +177,8 @@ class OptimConfig(Strict):
     momentum: float = 0.99  # sgd (nesterov)
     grad_clip: float | None = 1.0  # global gradient-norm clip (paper: 1.0)
     warmup_steps: int = 50
+    # linear: lr * (step+1)/W; exp: the reference code's lr * exp(10 * (step/W - 1)).
+    warmup: Literal["linear", "exp"] = "linear"
     schedule: Literal["poly", "cosine", "constant"] = "poly"
     poly_power: float = 0.9
     min_lr_ratio: float = 0.0

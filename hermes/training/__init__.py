@@ -1,0 +1,1 @@
+"""Training engine: loss, optimisation, EMA, checkpoints, DDP, the loop (`hermes train`), MedContext."""

@@ -1,0 +1,196 @@
+"""Everything a training run checks and builds before its first step.
+
+All user errors are raised here, before any training: a missing catalog or cache, a dataset
+name the catalog does not know, a catalog the cache was not prepared from, a patch the model
+cannot process, an output folder that already holds another run. The model is also run once
+(forward + backward on a zero patch) so that shape problems surface as a clear
+:class:`ConfigError` and DDP learns whether any parameter goes unused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hermes.config import ModelConfig, TrainConfig
+from hermes.data.cache import CacheIndex, open_cache
+from hermes.data.catalog import Catalog, load_catalog
+from hermes.data.sampling import training_cases
+from hermes.errors import ConfigError, DataError, HermesError
+from hermes.models.registry import build_model
+from hermes.training.checkpoint import checkpoint_path
+from hermes.training.distributed import find_unused_parameters
+from hermes.training.loss import HermesLoss
+from hermes.training.precision import AmpSettings
+
+
+@dataclass
+class RunData:
+    catalog: Catalog
+    cache: CacheIndex
+    train_cases: dict[str, list[str]]
+    val_cases: dict[str, list[str]]
+    task_ids_of_model: list[int] | None  # traditional: the dataset's own tasks
+
+
+def check_output(output: Path, resume: bool) -> None:
+    has_checkpoint = checkpoint_path(output).is_file()
+    if resume and not has_checkpoint:
+        raise ConfigError(f"--resume: no checkpoint in {output} (expected {checkpoint_path(output)})")
+    if not resume and has_checkpoint:
+        raise ConfigError(
+            f"output {output} already holds a training run; use --resume to continue it or choose "
+            "another --output"
+        )
+
+
+def load_data(config: TrainConfig) -> RunData:
+    """Catalog, cache and the train/validation case split (traditional: one dataset)."""
+    if not Path(config.catalog).is_file():
+        raise ConfigError(f"catalog file not found: {config.catalog} (config key `catalog`)")
+    catalog = load_catalog(config.catalog)
+    if not (Path(config.cache) / "cache.json").is_file():
+        raise ConfigError(
+            f"cache not found: {config.cache} (config key `cache`); run "
+            f"`hermes prepare {config.catalog} --out {config.cache}` first"
+        )
+    cache = open_cache(config.cache)
+    cached = {entry.name: entry for entry in cache.catalog.datasets}
+    for entry in catalog.datasets:
+        if entry.test_only:
+            continue
+        if entry.name not in cached:
+            raise DataError(
+                f"dataset {entry.name!r} of {config.catalog} is not in the cache {config.cache}; "
+                "run `hermes prepare` again with this catalog"
+            )
+        if list(cached[entry.name].channel_names) != list(entry.channel_names):
+            raise DataError(f"dataset {entry.name!r}: channels differ between {config.catalog} and the cache")
+    train, val = training_cases(cache, config.data, config.seed)
+    names = {entry.name for entry in catalog.datasets if not entry.test_only}
+    train = {name: ids for name, ids in train.items() if name in names and ids}
+    val = {name: ids for name, ids in val.items() if name in names and ids}
+    task_ids_of_model = None
+    if config.paradigm == "traditional":
+        entry = catalog.dataset(str(config.dataset))  # ConfigError listing the valid names
+        if entry.name not in train:
+            raise DataError(f"dataset {entry.name!r} has no training cases in the cache {config.cache}")
+        train = {entry.name: train[entry.name]}
+        val = {entry.name: val[entry.name]} if entry.name in val else {}
+        task_ids_of_model = list(entry.task_ids)
+    if not train:
+        raise DataError(f"no training cases: the cache {config.cache} has none for the catalog's datasets")
+    return RunData(catalog, cache, train, val, task_ids_of_model)
+
+
+def downsampling_factor(model: ModelConfig) -> list[int]:
+    """Per-axis product of the model's down-sampling strides: patches must be multiples of it."""
+    if model.architecture == "swinunetr":
+        return [32, 32, 32]
+    if model.architecture == "dynunet":
+        return [1, 1, 1]  # derives its strides from the patch itself
+    strides = model.downsample or [[2, 2, 2]] * 4
+    return [math.prod(s[axis] for s in strides) for axis in range(3)]
+
+
+def check_patch(config: TrainConfig) -> None:
+    factor = downsampling_factor(config.model)
+    patch = config.data.patch_size
+    bad = [f"{p} (axis {a}) is not a multiple of {f}" for a, (p, f) in enumerate(zip(patch, factor)) if p % f]
+    if bad:
+        raise ConfigError(
+            f"data.patch_size {patch}: {'; '.join(bad)}, the model's total down-sampling "
+            f"({config.model.architecture}, strides {config.model.downsample or '[[2,2,2]] x 4'})"
+        )
+    if config.model.architecture.startswith("hermes_"):
+        low = [p // f for p, f in zip(patch, factor)]
+        if min(low) < 2:
+            raise ConfigError(f"data.patch_size {patch} leaves a bottleneck of {low} voxels; use at least 2 per axis")
+
+
+def build_checked_model(config: TrainConfig, data: RunData, device: torch.device, amp: AmpSettings) -> tuple[nn.Module, list[str]]:
+    """Build the model on ``device`` and run one forward/backward on a zero patch.
+
+    Returns the model and the names of parameters that received no gradient (DDP then needs
+    ``find_unused_parameters``).
+    """
+    catalog = data.catalog
+    model = build_model(
+        config.model,
+        num_tasks=catalog.num_tasks,
+        num_modalities=catalog.num_modalities,
+        task_ids_of_model=data.task_ids_of_model,
+        patch_size=config.data.patch_size,
+    ).to(device)
+    if amp.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    entry = catalog.dataset(next(iter(data.train_cases)))
+    n_tasks = len(entry.task_ids)
+    batch = {
+        "image": torch.zeros(1, config.model.in_channels, *config.data.patch_size, device=device),
+        "target": torch.zeros(1, n_tasks, *config.data.patch_size, device=device),
+        "task_ids": torch.tensor([entry.task_ids], device=device),
+        "task_mask": torch.ones(1, n_tasks, dtype=torch.bool, device=device),
+        "modality_id": torch.tensor([entry.modality_id], device=device),
+    }
+    if entry.num_channels != config.model.in_channels:
+        raise ConfigError(
+            f"model.in_channels is {config.model.in_channels} but dataset {entry.name!r} has "
+            f"{entry.num_channels} channels ({', '.join(entry.channel_names)})"
+        )
+    try:
+        with amp.autocast():
+            out = model(batch["image"], batch["task_ids"], batch["modality_id"], batch["task_mask"])
+            loss = HermesLoss(config.loss)(out, batch)["total"]
+        loss.backward()
+    except HermesError:
+        raise
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(
+            f"model {config.model.architecture}/{config.model.preset} cannot train on data.patch_size "
+            f"{config.data.patch_size}: {error}"
+        ) from None
+    unused = find_unused_parameters(model)
+    model.zero_grad(set_to_none=True)
+    return model, unused
+
+
+def model_spec(config: TrainConfig, data: RunData, step: int, amp: AmpSettings, val_dice: dict[str, float]) -> dict[str, Any]:
+    """``spec.json`` of the saved model (``save_model`` adds the ``model`` entry): everything
+    ``hermes predict`` needs besides the weights, i.e. tasks, modalities, datasets (prompts) and
+    the preprocessing plans (per dataset, and per modality for images of an unseen dataset)."""
+    catalog = data.catalog
+    plans = {name: plan.to_dict() for name, plan in data.cache.plans.items() if name in data.train_cases}
+    by_modality: dict[str, dict[str, Any]] = {}
+    # Per modality, the plan of the dataset with the most training cases.
+    for name in sorted(data.train_cases, key=lambda n: -len(data.train_cases[n])):
+        if name in plans:
+            by_modality.setdefault(catalog.dataset(name).modality, plans[name])
+    datasets = [entry.to_dict() for entry in catalog.datasets if entry.name in data.train_cases]
+    for item in datasets:
+        item.pop("path", None)  # machine-specific; the model must not depend on it
+    return {
+        "format": "hermes-model",
+        "version": 1,
+        "paradigm": config.paradigm,
+        "dataset": config.dataset,
+        "task_names": catalog.task_names,
+        "modalities": catalog.modalities,
+        "unknown_modality_id": catalog.unknown_modality_id,
+        "null_task_id": catalog.null_task_id,
+        "datasets": datasets,
+        "preprocessing": {"datasets": plans, "modalities": by_modality},
+        "patch_size": list(config.data.patch_size),
+        "training": {
+            "steps": step,
+            "seed": config.seed,
+            "precision": amp.name,
+            "validation_dice": {k: (None if math.isnan(v) else v) for k, v in val_dice.items()},
+            "config": config.model_dump(mode="json"),
+        },
+    }

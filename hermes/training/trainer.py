@@ -1,0 +1,326 @@
+"""``train(config)``: the training loop, kept short; the parts live in their own modules.
+
+    plan.py         checks + data (catalog, cache, splits) + model smoke test + model spec
+    loss.py         partial-label BCE + Dice, modality CE, deep supervision
+    optim.py        LAMB / AdamW / SGD, clipping, warm-up + poly/cosine schedule
+    precision.py    autocast dtype, GradScaler, channels_last
+    ema.py          the EMA model (validated, saved as the final weights)
+    medcontext.py   optional masked-context pass + teacher
+    checkpoint.py   atomic tensor-only checkpoints
+    distributed.py  torchrun/DDP context
+    validation.py   per-dataset Dice on held-out cases
+    logger.py       CSV, TensorBoard, progress.png
+
+A step ``s`` (0-based) uses batch ``s`` of the loader (a pure function of seed, rank and s),
+the learning rate ``lr_factor(s)`` and updates the EMA with the warm-up of step ``s``; a
+checkpoint after ``n`` steps stores everything else (weights, EMA, optimiser, scheduler, scaler,
+MedContext teacher, RNGs), so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hermes.config import TrainConfig, dump_config
+from hermes.data.cache import load_cached_case
+from hermes.data.loader import make_train_loader
+from hermes.errors import ConfigError
+from hermes.fileio import atomic_write_text
+from hermes.models.registry import save_model
+from hermes.training.checkpoint import (
+    capture_rng_state,
+    checkpoint_path,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from hermes.training.distributed import DistContext, init_distributed, shutdown_distributed, wrap_model
+from hermes.training.ema import ModelEMA, unwrap
+from hermes.training.logger import TrainLogger
+from hermes.training.loss import HermesLoss
+from hermes.training.optim import build_optimizer, build_scheduler, clip_gradients, set_schedule_position
+from hermes.training.plan import (
+    RunData,
+    build_checked_model,
+    check_output,
+    check_patch,
+    load_data,
+    model_spec,
+)
+from hermes.training.precision import AmpSettings, resolve_amp
+from hermes.training.validation import Validator, mean_dice
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+# Sections whose change makes a checkpoint unusable (shapes or the meaning of the weights).
+_RESUME_SECTIONS = ("model", "paradigm", "dataset")
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    model_dir: Path
+    steps: int
+    val_dice: dict[str, float] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # total loss of every step run by this call
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimisation step
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _View:
+    """A slice of a model output (the clean or the masked half of a MedContext batch)."""
+
+    logits: torch.Tensor
+    modality_logits: torch.Tensor | None
+    deep_supervision: list[torch.Tensor]
+
+
+def _half(out: Any, part: slice) -> _View:
+    mod = out.modality_logits[part] if out.modality_logits is not None else None
+    return _View(out.logits[part], mod, [d[part] for d in out.deep_supervision])
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if channels_last:
+        moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last_3d)
+    return moved
+
+
+def medcontext_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """Masks are a pure function of (seed, rank, step): nothing to checkpoint for them."""
+    generator = torch.Generator()
+    generator.manual_seed(int(np.random.SeedSequence([seed, rank, step, 0x4D43]).generate_state(1)[0]))
+    return generator
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, Any],
+    loss_fn: HermesLoss,
+    optimizer: torch.optim.Optimizer,
+    amp: AmpSettings,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+    medcontext: Any | None = None,
+    generator: torch.Generator | None = None,
+    step: int = 0,
+) -> dict[str, float]:
+    """Forward, loss, backward, clip, optimiser step. Returns the loss terms and the gradient norm.
+
+    With MedContext the clean and the masked images go through the network as one batch of
+    2B (identical prompts): one forward and one backward per step, which DDP requires, and
+    equivalent to two passes for per-sample normalisation (instance/group norm).
+    """
+    image, task_ids, modality_id, task_mask = batch["image"], batch["task_ids"], batch["modality_id"], batch["task_mask"]
+    optimizer.zero_grad(set_to_none=True)
+    with amp.autocast():
+        if medcontext is None:
+            terms = loss_fn(model(image, task_ids, modality_id, task_mask), batch)
+        else:
+            n = image.shape[0]
+            masked, hidden = medcontext.mask(image, generator)
+            teacher = medcontext.teacher_probabilities(image, task_ids, modality_id, task_mask)
+            out = model(
+                torch.cat([image, masked]), task_ids.repeat(2, 1), modality_id.repeat(2), task_mask.repeat(2, 1)
+            )
+            terms = loss_fn(_half(out, slice(0, n)), batch)  # the masked half stays out of the modality loss
+            extra = medcontext.loss(
+                out.logits[n:], teacher, batch["target"], task_ids, task_mask, hidden, step, loss_fn.segmentation
+            )
+            terms["masked_supervised"] = extra["masked_supervised"]
+            terms["consistency"] = extra["consistency"]
+            terms["total"] = terms["total"] + extra["total"]
+    total = terms["total"]
+    (scaler.scale(total) if scaler is not None else total).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step itself on inf/NaN gradients
+        scaler.update()
+    elif math.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        log.warning("step %d: non-finite gradient norm, optimiser step skipped", step)
+    out_terms = {("loss" if k == "total" else k): float(v.detach()) for k, v in terms.items()}
+    out_terms["grad_norm"] = grad_norm
+    return out_terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up helpers
+# ----------------------------------------------------------------------------------------------
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """CPU kernels are already deterministic for a fixed thread count (and the call below
+    imports torch's compiler stack, ~8 s), so the switch matters, and is made, on CUDA only."""
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic and device.type == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    current = config.model_dump(mode="json")
+    changed = [key for key in _RESUME_SECTIONS if saved.get(key) != current.get(key)]
+    if saved.get("data", {}).get("patch_size") != current["data"]["patch_size"]:
+        changed.append("data.patch_size")
+    if changed:
+        raise ConfigError(
+            f"cannot resume {path}: the config changed {', '.join(changed)} since the checkpoint was written"
+        )
+
+
+def _make_medcontext(config: TrainConfig, model: nn.Module, data: RunData, ema: ModelEMA) -> Any | None:
+    if not config.medcontext.enabled:
+        return None
+    from hermes.training.medcontext import MedContext
+
+    return MedContext(config.medcontext, model, data.catalog.task_names, ema=ema)
+
+
+def _validator(config: TrainConfig, data: RunData, ctx: DistContext, amp: AmpSettings) -> Validator:
+    return Validator(
+        data.catalog,
+        lambda dataset, case_id: load_cached_case(config.cache, dataset, case_id),
+        data.val_cases,
+        config.validation,
+        config.data.patch_size,
+        ctx.device,
+        precision=amp.name,
+        channels_last=amp.channels_last,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def train(
+    config: TrainConfig, resume: bool = False, extend_steps: int | None = None, progress: bool = True
+) -> TrainResult:
+    """Train from ``config`` (or continue its run with ``resume``; ``extend_steps`` plans N more
+    steps past the checkpoint's schedule and implies ``resume``). Works under torchrun."""
+    ctx = init_distributed()
+    try:
+        return _train(config, ctx, resume or extend_steps is not None, extend_steps or 0, progress)
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: int, progress: bool) -> TrainResult:
+    out = Path(config.output)
+    check_output(out, resume)
+    check_patch(config)
+    data = load_data(config)
+    amp = resolve_amp(config.precision, config.channels_last, ctx.device)
+    configure_determinism(config.deterministic, ctx.device)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model, unused = build_checked_model(config, data, ctx.device, amp)
+    ema = ModelEMA(model, config.medcontext.teacher_momentum if config.medcontext.reuse_validation_ema
+                   and config.medcontext.enabled else config.ema_decay)
+    optimizer = build_optimizer(model, config.optim)
+    scaler = amp.make_scaler()
+    medcontext = _make_medcontext(config, model, data, ema)
+    loss_fn = HermesLoss(config.loss)
+
+    start, total_steps = 0, config.steps
+    if resume:
+        state = load_checkpoint(checkpoint_path(out), map_location=ctx.device)
+        _check_resumable(state["config"], config, checkpoint_path(out))
+        start, total_steps = int(state["step"]), int(state["total_steps"]) + extend_steps
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if medcontext is not None and state.get("medcontext") is not None:
+            medcontext.load_state_dict(state["medcontext"])
+        if ctx.is_main:
+            restore_rng_state(state["rng"])
+    scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    set_schedule_position(scheduler, start)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(config))
+    if not ctx.is_main:
+        torch.manual_seed(config.seed + 1000 * ctx.rank + start)
+
+    net = wrap_model(model, ctx, find_unused=bool(unused))
+    loader = make_train_loader(
+        data.catalog, config.cache, config.data, config.seed, ctx.rank, ctx.world_size, start, cases=data.train_cases
+    )
+    logger = TrainLogger(out, enabled=ctx.is_main, resume_step=start if resume else None)
+    validator = _validator(config, data, ctx, amp)
+    val_dice: dict[str, float] = {}
+    losses: list[float] = []
+    window: list[dict[str, float]] = []
+    tick = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not (progress and ctx.is_main))
+    step = start
+    batches = iter(loader)
+    try:
+        while step < total_steps:
+            batch = to_device(next(batches), ctx.device, amp.channels_last)
+            generator = medcontext_generator(config.seed, ctx.rank, step) if medcontext is not None else None
+            lr = optimizer.param_groups[0]["lr"]
+            terms = train_step(net, batch, loss_fn, optimizer, amp, scaler, config.optim.grad_clip,
+                               medcontext, generator, step)
+            ema.update(model, step)
+            if medcontext is not None:
+                medcontext.update_teacher(model, step)
+            scheduler.step()
+            step += 1
+            losses.append(terms["loss"])
+            window.append({**terms, "lr": lr})
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
+            if step % config.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - tick
+                row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                row["steps_per_s"] = len(window) / max(elapsed, 1e-9)
+                logger.log_train(step, row)
+                window, tick = [], time.perf_counter()
+            if validator.enabled and (step % config.validation.every_steps == 0 or step == total_steps):
+                if ctx.is_main:
+                    val_dice = validator(ema.module)
+                    logger.log_validation(step, val_dice)
+                    bar.write(f"step {step}: validation Dice {mean_dice(val_dice):.3f} "
+                              + " ".join(f"{k}={v:.3f}" for k, v in val_dice.items()))
+                tick = time.perf_counter()  # validation time is not training speed
+            if ctx.is_main and (step % config.checkpoint_every == 0 or step == total_steps):
+                save_checkpoint(checkpoint_path(out), {
+                    "step": step,
+                    "total_steps": total_steps,
+                    "model": unwrap(model).state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "medcontext": medcontext.state_dict() if medcontext is not None else None,
+                    "rng": capture_rng_state(),
+                    "config": config.model_dump(mode="json"),
+                })
+    finally:
+        bar.close()
+        del batches
+        logger.close()
+
+    model_dir = out / MODEL_DIR
+    if ctx.is_main:
+        spec = model_spec(config, data, step, amp, val_dice)
+        save_model(model_dir, ema.module, spec)
+        atomic_write_text(model_dir / "catalog.yaml", data.catalog.to_yaml())
+    ctx.barrier()
+    return TrainResult(out, model_dir, step, val_dice, losses)
