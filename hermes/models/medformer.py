@@ -27,7 +27,15 @@ from torch import Tensor, nn
 
 from hermes.models.backbone import BackboneOutput
 from hermes.models.fusion import Mlp, attention_heads
-from hermes.models.layers import BasicBlock, NormName, PreActConv, blocks, concat_skip, make_norm
+from hermes.models.layers import (
+    BasicBlock,
+    DepthwiseConv3d,
+    NormName,
+    PreActConv,
+    blocks,
+    concat_skip,
+    make_norm,
+)
 from hermes.models.priors import PriorTokens
 
 MAP_TOKENS = 64  # semantic map of 4 x 4 x 4 tokens, as the reference
@@ -49,7 +57,7 @@ def merge_heads(x: Tensor) -> Tensor:
 class DepthwiseSeparableConv(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 3) -> None:
         super().__init__(
-            nn.Conv3d(in_ch, in_ch, kernel, padding=kernel // 2, groups=in_ch, bias=False),
+            DepthwiseConv3d(in_ch, in_ch, kernel, padding=kernel // 2, groups=in_ch, bias=False),
             nn.Conv3d(in_ch, out_ch, 1, bias=False),
         )
 
