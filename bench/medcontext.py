@@ -150,6 +150,25 @@ def _one_step(state: dict[str, Any], step: int) -> float:
     return time.perf_counter() - start
 
 
+def saved_activation_mb(state: dict[str, Any], step: int) -> float:
+    """Bytes of the tensors autograd keeps for backward during one training step.
+
+    Counted exactly (unique storages) through ``saved_tensors_hooks``, so unlike process memory
+    it is independent of the allocator and of oneDNN's caches: it is the activation memory
+    that grows with batch and patch size, the part MedContext doubles.
+    """
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _one_step(state, step)
+    return sum(seen.values()) / 2**20
+
+
 def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
     """Interleaved step times (both variants in one process) plus per-part times."""
     states = {v: _cost_setup(args, v == "medcontext") for v in VARIANTS}
@@ -177,7 +196,9 @@ def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
         parts["teacher_forward"].append(t2 - t1)
         parts["teacher_update"].append(t3 - t2)
     memory = {v: _peak_memory_subprocess(args, v) for v in VARIANTS}
+    activations = {v: saved_activation_mb(states[v], total) for v in VARIANTS}
     return {
+        "activations_mb": activations,
         "median_s": {v: statistics.median(t) for v, t in times.items()},
         "parts_s": {k: statistics.median(v) for k, v in parts.items()},
         "peak_rss_mb": memory,
@@ -365,7 +386,7 @@ def fewshot(args: argparse.Namespace) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 def cost_lines(cost: dict[str, Any], args: argparse.Namespace) -> list[str]:
     base, mc = cost["median_s"]["baseline"], cost["median_s"]["medcontext"]
-    rss = cost["peak_rss_mb"]
+    rss, act = cost["peak_rss_mb"], cost["activations_mb"]
     parts = cost["parts_s"]
     return [
         f"Model `{args.architecture}` tiny ({cost['params'] / 1e6:.2f} M parameters), batch 2 × "
@@ -376,6 +397,8 @@ def cost_lines(cost: dict[str, Any], args: argparse.Namespace) -> list[str]:
         "| | baseline | MedContext | ratio |",
         "|---|---|---|---|",
         f"| training step | {base:.3f} s | {mc:.3f} s | {mc / base:.2f}× |",
+        f"| activations saved for backward | {act['baseline']:.0f} MB | {act['medcontext']:.0f} MB "
+        f"| {act['medcontext'] / act['baseline']:.2f}× |",
         f"| peak resident memory (3 steps, fresh process) | {rss['baseline']:.0f} MB | {rss['medcontext']:.0f} MB "
         f"| {rss['medcontext'] / rss['baseline']:.2f}× |",
         "",
