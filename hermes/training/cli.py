@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--extend-steps needs a positive number of steps")
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps needs a positive number of steps")
+    if args.steps is not None and (args.resume or args.extend_steps is not None):
+        raise ConfigError("--steps sets the plan of a new run; to train a resumed run longer use --extend-steps N")
     config = load_train_config(args.config, overrides_from_args(args))
     result = train(config, resume=args.resume, extend_steps=args.extend_steps, progress=not args.no_progress)
     print(f"trained {result.steps} steps; model: {result.model_dir}")

@@ -1,0 +1,37 @@
+"""`hermes demo` wiring on a miniature cohort (the real demo's quality is measured in docs/training.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hermes.cli import main
+
+
+@pytest.mark.slow
+def test_demo_pipeline_runs_and_resumes(tmp_path, capsys) -> None:
+    from hermes.demo import run_demo
+
+    overrides = {
+        "steps": 2,
+        "data": {"patch_size": [32, 32, 32], "num_workers": 0, "val_fraction": 0.0},
+        "validation": {"every_steps": 100},
+    }
+    kwargs = {"scale": 0.5, "cases": 2, "test_cases": 1, "datasets": ["LiverCT", "BrainT1"], "progress": False}
+    result = run_demo(tmp_path / "demo", train_overrides=overrides, **kwargs)
+    assert set(result.summary["datasets"]) == {"LiverCT", "BrainT1"}
+    assert 0.0 <= result.mean_dice <= 1.0 and not math.isnan(result.mean_dice)
+    for name in ("catalog.yaml", "train.yaml", "run/model/spec.json", "evaluation/summary.json", "evaluation/report.html"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "LiverCT (mean)" in result.table
+    assert set(result.seconds) == {"cohort", "prepare", "train", "evaluate"}
+    # a second run reuses the cohort and cache and resumes the finished training
+    again = run_demo(tmp_path / "demo", train_overrides=overrides, **kwargs)
+    assert again.summary["overall"] == result.summary["overall"]
+
+
+def test_demo_cli_is_registered(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--out" in capsys.readouterr().out
