@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             + "\n".join(lines)
             + "\n"
         )
+        # Hand-written analysis below a "## Notes" heading survives re-runs.
+        previous = args.out.read_text() if args.out.is_file() else ""
+        if "\n## Notes" in previous:
+            text += previous[previous.index("\n## Notes") :]
         atomic_write_text(args.out, text)
     return 0
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from hermes.config import ModelConfig
-from hermes.errors import ModelError
+from hermes.config import ModelConfig, validate
+from hermes.errors import ConfigError, ModelError
 from hermes.models.baselines import dynunet_kernels_strides
 from hermes.models.registry import build_model, count_parameters, load_model, save_model
 
@@ -146,6 +146,22 @@ def test_channels_last_and_bf16_autocast() -> None:
         # bf16 keeps ~3 significant digits: the masks must still agree almost everywhere.
         agree = ((bf16.logits > 0) == (reference > 0)).float().mean()
         assert agree > 0.97, f"{arch}: bf16 and fp32 masks agree on only {agree:.3f} of voxels"
+
+
+def test_bf16_channels_last_training_step_has_finite_gradients() -> None:
+    model = make().train().to(memory_format=torch.channels_last_3d)
+    x = image().contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, torch.tensor([[1, 2], [3, NULL]]), torch.tensor([0, 1]))
+    (out.logits.sigmoid().mean() + out.modality_logits.mean()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_inconsistent_ablation_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="needs modality_priors"):
+        validate(ModelConfig, {"modality_priors": False, "task_conditioned_features": False})
 
 
 def test_anisotropic_downsampling() -> None:
