@@ -192,7 +192,9 @@ class MedContext:
                 (torch.arange(size, device=image.device) + off) // p
                 for size, off, p in zip(spatial, offsets, self.mask_patch)
             ]
-            n_cells = tuple(int(ix[-1]) + 1 for ix in index)
+            n_cells = tuple(
+                (size - 1 + off) // p + 1 for size, off, p in zip(spatial, offsets, self.mask_patch)
+            )
             voxels = self._cell_mask(n_cells, generator).to(image.device)
             # Expand cells to voxels one axis at a time: no full-size index grids in memory.
             for axis, ix in enumerate(index):
