@@ -238,6 +238,8 @@ def run_extend(
             "use `hermes finetune` for transfer"
         )
     destination = Path(config.output) if config.output is not None else Path(config.base_model)
+    if destination.exists() and destination.resolve() != Path(config.base_model).resolve():
+        raise ConfigError(f"output {destination} exists and is not the base model; remove it or choose another")
     evaluator = evaluator or make_evaluator(str(dev), progress)
 
     # 1. old tasks before (fail early if the old test data is missing)
