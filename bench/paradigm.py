@@ -311,7 +311,7 @@ def _steps_per_s(csv_path: Path) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def count_params(row: ModelRow, catalog_path: Path, dataset: str | None, preset: str) -> int:
+def count_params(row: ModelRow, catalog_path: Path, dataset: str | None, preset: str, patch: int) -> int:
     """Parameter count of a model as the runs build it (no training needed)."""
     from hermes.config import ModelConfig
     from hermes.data.catalog import load_catalog
@@ -326,6 +326,7 @@ def count_params(row: ModelRow, catalog_path: Path, dataset: str | None, preset:
         num_tasks=catalog.num_tasks,
         num_modalities=len(catalog.modalities),
         task_ids_of_model=task_ids,
+        patch_size=[patch] * 3,
     )
     return count_parameters(model)
 
@@ -598,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(run_dir / "error.txt", f"{type(error).__name__}: {error}\n")
             continue
         if result["parameters"] is None:
-            result["parameters"] = count_params(row, catalog_path, dataset, args.preset)
+            result["parameters"] = count_params(row, catalog_path, dataset, args.preset, args.patch)
         atomic_write_json(result_file, _json_safe(result))
         dice = " ".join(
             f"{d}={v['dice']:.3f}" for d, v in result["datasets"].items() if v["dice"] is not None
