@@ -8,7 +8,6 @@ from monai.inferers import sliding_window_inference as monai_swi
 
 from hermes.inference.sliding_window import (
     central_window,
-    max_coverage,
     mirror_combinations,
     sliding_window_inference,
     window_slices,
@@ -54,19 +53,18 @@ def test_mirroring_averages_flipped_passes() -> None:
     assert mirror_combinations((0, 1, 2)) == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
 
 
-def test_windows_cover_the_volume_and_bound_the_float16_range() -> None:
+def test_windows_cover_the_volume_and_float16_output_stays_finite() -> None:
     shape, window = (50, 33, 16), (16, 16, 16)
     slices = window_slices(shape, window, 0.5)
     covered = torch.zeros(shape, dtype=torch.int32)
     for sl in slices:
         covered[sl] += 1
     assert int(covered.min()) >= 1
-    assert max_coverage(slices, shape) == int(covered.max())
     # Huge logits must not overflow the float16 accumulator.
     big = sliding_window_inference(
         torch.zeros(1, 1, *shape), lambda x: torch.full((x.shape[0], 1, *x.shape[2:]), 1e6), window, precision="fp32"
     )
-    assert torch.isfinite(big).all() and float(big.min()) > 1000
+    assert torch.isfinite(big).all() and float(big.min()) > 60000
 
 
 def test_bad_network_output_is_reported() -> None:

@@ -22,7 +22,6 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
@@ -100,17 +99,6 @@ def window_slices(
         for size, win in zip(shape, window)
     ]
     return [tuple(s) for s in dense_patch_slices(tuple(shape), tuple(window), interval)]  # type: ignore[misc]
-
-
-def max_coverage(slices: Sequence[tuple[slice, ...]], shape: Sequence[int]) -> int:
-    """Largest number of windows covering one voxel (bounds the float16 accumulator's range)."""
-    total = 1
-    for axis, size in enumerate(shape):
-        counts = np.zeros(size, dtype=np.int64)
-        for start, stop in {(s[axis].start, s[axis].stop) for s in slices}:
-            counts[start:stop] += 1
-        total *= int(counts.max())
-    return total
 
 
 def _symmetric_padding(shape: Sequence[int], window: Sequence[int]) -> list[tuple[int, int]]:
@@ -198,9 +186,10 @@ def sliding_window_inference(
         network: ``(b, C, *window) -> (b, T, *window)`` logits.
         window_size: the model's patch size; volumes smaller than it are zero-padded
             symmetrically (as MONAI does) and cropped back.
-        accumulate_dtype: float16 (default) halves the stitching memory; logits are clamped to
-            a bound that keeps the weighted sum finite in that dtype (far beyond any value that
-            changes a sigmoid probability). float32 gives MONAI's exact arithmetic.
+        accumulate_dtype: dtype of the returned logits. float16 (default) halves the memory
+            of the stitched volume; sums are float32 in any case (rounded once per voxel), and
+            values beyond the dtype's range (far beyond any that changes a probability) are
+            clamped. float32 gives MONAI's result.
 
     Returns:
         ``(T, X, Y, Z)`` blended logits in ``accumulate_dtype`` on ``image.device``.
@@ -226,36 +215,55 @@ def sliding_window_inference(
     store = image.device
     importance = compute_importance_map(window, mode=blend, sigma_scale=sigma_scale, device=store)
     importance = importance.to(torch.float32)
+    # The blending weight depends only on the window grid: computed up front, one channel.
     weight = torch.zeros(shape, dtype=torch.float32, device=store)
-    accumulator: torch.Tensor | None = None
-    exact = accumulate_dtype == torch.float32
-    bound = torch.finfo(accumulate_dtype).max / (2.0 * max_coverage(slices, shape))
+    for sl in slices:
+        weight[sl] += importance
+
+    # Windows in order of their first-axis start. Once a window starting at x0 is reached, no
+    # later window touches x < x0, so those slices are final: a float32 buffer spanning one
+    # window's width along x collects the weighted sums, and finished slices are normalised and
+    # stored in `accumulate_dtype` once (one rounding per voxel, float32 adds in the hot loop).
+    slices = sorted(slices, key=lambda sl: sl[0].start)
+    span = window[0]
+    output: torch.Tensor | None = None
+    buffer: torch.Tensor | None = None
+    low = 0  # first x of the buffer
+    limit = torch.finfo(accumulate_dtype).max
+
+    def flush(upto: int) -> None:
+        """Store x in [low, upto) normalised into `output` and slide the buffer to `upto`."""
+        nonlocal buffer, low
+        assert output is not None and buffer is not None
+        n = min(upto, shape[0]) - low
+        if n <= 0:
+            return
+        final = buffer[:, :n] / weight[low : low + n]
+        output[:, low : low + n] = final.clamp_(-limit, limit).to(accumulate_dtype)
+        buffer = torch.cat([buffer[:, n:], torch.zeros_like(buffer[:, :n])], dim=1)
+        low += n
 
     batches = _batches(slices, window_batch_size)
     n_batches = math.ceil(len(slices) / window_batch_size)
     for group in tqdm(batches, total=n_batches, desc="sliding window", unit="batch", disable=not progress):
         windows = torch.cat([image[(slice(None), slice(None), *sl)] for sl in group], dim=0)
         logits = runner(windows).to(store)
-        if accumulator is None:
-            accumulator = torch.zeros((logits.shape[1], *shape), dtype=accumulate_dtype, device=store)
-        if bound < 1e30:
-            logits.clamp_(-bound, bound)
+        if output is None:
+            output = torch.empty((logits.shape[1], *shape), dtype=accumulate_dtype, device=store)
+            buffer = torch.zeros((logits.shape[1], span, *shape[1:]), dtype=torch.float32, device=store)
+        assert buffer is not None
         logits *= importance
         for index, sl in enumerate(group):
-            weight[sl] += importance
-            target = (slice(None), *sl)
-            # In-place add in the accumulator's dtype: one rounding per window, like a float32
-            # sum rounded to float16, without a float32 copy of the window's accumulator.
-            accumulator[target] += logits[index] if exact else logits[index].to(accumulate_dtype)
-    assert accumulator is not None  # at least one window always exists
-
-    # Normalise one task at a time: the float32 temporary is one volume, not T volumes.
-    for task in range(accumulator.shape[0]):
-        accumulator[task] = (accumulator[task].float() / weight).to(accumulate_dtype)
+            if sl[0].start > low:
+                flush(sl[0].start)
+            local = (slice(None), slice(sl[0].start - low, sl[0].stop - low), sl[1], sl[2])
+            buffer[local] += logits[index]
+    assert output is not None  # at least one window always exists
+    flush(shape[0])
     if any(p for pair in pads for p in pair):
         crop = tuple(slice(lo, lo + size) for (lo, _), size in zip(pads, original_shape))
-        accumulator = accumulator[(slice(None), *crop)].clone()
-    return accumulator
+        output = output[(slice(None), *crop)].clone()
+    return output
 
 
 def central_window(image: torch.Tensor, window_size: Sequence[int]) -> torch.Tensor:
