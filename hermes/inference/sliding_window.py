@@ -1,14 +1,16 @@
 """Gaussian-weighted sliding-window inference whose memory does not grow with tasks x volume.
 
 A universal model predicts up to dozens of task channels for a CT of 10^7..10^8 voxels; MONAI's
-``sliding_window_inference`` stitches them in float32 (plus a float32 count map of the same
-size), i.e. ``4 x T x V`` bytes. Here the weighted logits of every task are accumulated in a
-float16 buffer (``2 x T x V``), the blending weight is one float32 volume shared by all tasks,
-and the final normalisation runs one task at a time, so the peak is about half of MONAI's and the
-float32 working set is one window batch. Window positions and the Gaussian importance map are
-MONAI's own (``dense_patch_slices``, ``compute_importance_map``), so both stitchers see the
-network at exactly the same places and their outputs agree up to float16 rounding
-(bench/inference_speed.py measures speed and the difference).
+``sliding_window_inference`` stitches them in float32 plus a float32 count map, i.e. at least
+``4 x T x V`` bytes. Here windows are visited in order of their start along the first axis:
+their weighted logits are summed in a float32 buffer only one window wide along that axis, and
+every slice that no later window touches is normalised and stored once in float16, so the
+result costs ``2 x T x V`` bytes plus the buffer (``4 x T x window x Y x Z``) and one shared
+float32 weight volume. The sums are exact float32 (one rounding per voxel), the hot loop does
+the same float32 adds as MONAI, and window positions and the Gaussian importance map are MONAI's
+own (``dense_patch_slices``, ``compute_importance_map``), so both stitchers evaluate the network
+at the same places and agree up to float16 rounding (bench/inference_speed.py measures speed,
+memory and the difference; with ``accumulate_dtype=float32`` the results are MONAI's).
 
 The network is any callable ``(b, C, *window) -> (b, T, *window)`` logits: the Hermes model
 needs task ids and a modality id, which the predictor binds in a closure.
