@@ -27,6 +27,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import platform
 import resource
 import shutil
@@ -477,7 +478,8 @@ def write_report(
         f"- command: `{command}`",
         f"- date: {datetime.date.today().isoformat()}, commit {code_version} (at the start of the run)",
         f"- machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__} "
-        "(CPU shared with other jobs: absolute times are noisy, ratios less so)",
+        f"(CPU shared with other jobs, load average {os.getloadavg()[0]:.1f} at the end: absolute times "
+        "are noisy, ratios less so)",
         "",
         "## Cost per training step",
         "",
@@ -505,7 +507,10 @@ def write_report(
             *fewshot_lines(rows, args),
             "",
         ]
-    atomic_write_text(path, "\n".join(text))
+    # A hand-written "## Notes" section (the reading of the numbers) survives re-runs.
+    previous = path.read_text() if path.is_file() else ""
+    notes = previous[previous.index("\n## Notes") + 1 :] if "\n## Notes" in previous else ""
+    atomic_write_text(path, "\n".join(text) + ("\n" + notes if notes else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
