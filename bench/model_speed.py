@@ -5,9 +5,12 @@ data, after one warm-up step; the table reports the fastest of ``--steps`` steps
 shared: the minimum is the least disturbed measurement). Precision: fp32 or bf16 autocast;
 memory format: NCDHW or channels_last_3d (model and input).
 
-    .venv/bin/python bench/model_speed.py --out docs/bench/models.md
+    .venv/bin/python bench/model_speed.py --out docs/bench/models.md              # wall clock
+    .venv/bin/python bench/model_speed.py --threads 1 --clock cpu --out docs/bench/models.md
 
-Keep runs short (the CPU is shared); ``--only`` selects rows by name substring.
+The second form measures CPU seconds on one thread: on a machine shared with other jobs it is
+the stable number (wall clock then depends on the others' load). Each form writes its own
+section of the markdown file. Keep runs short; ``--only`` selects rows by name substring.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -43,9 +47,10 @@ class Row:
         ("bf16", "ncdhw"),
         ("bf16", "cl"),
     )
+    steps: int | None = None  # None: --steps
 
 
-BEST = (("bf16", "ncdhw"),)  # the fastest mode on this CPU (see the first rows)
+BF16 = (("bf16", "ncdhw"), ("bf16", "cl"))  # fp32 is 2-3x slower on this CPU (first rows)
 ROWS = [
     Row(
         "Hermes-R width 8 (official-code comparison)",
@@ -54,21 +59,30 @@ ROWS = [
     ),
     Row("Hermes-R tiny", ModelConfig(preset="tiny"), 64),
     Row("Hermes-M tiny", ModelConfig(architecture="hermes_medformer", preset="tiny"), 64),
-    Row("ResUNet tiny", ModelConfig(architecture="resunet", preset="tiny"), 64, BEST),
-    Row("MedFormer tiny", ModelConfig(architecture="medformer", preset="tiny"), 64, BEST),
-    Row("Hermes-R small", ModelConfig(preset="small"), 64, (("fp32", "cl"), ("bf16", "cl"))),
-    Row("Hermes-M small", ModelConfig(architecture="hermes_medformer", preset="small"), 64, BEST),
-    Row("ResUNet small", ModelConfig(architecture="resunet", preset="small"), 64, BEST),
-    Row("MedFormer small", ModelConfig(architecture="medformer", preset="small"), 64, BEST),
+    Row("ResUNet tiny", ModelConfig(architecture="resunet", preset="tiny"), 64, BF16),
+    Row("MedFormer tiny", ModelConfig(architecture="medformer", preset="tiny"), 64, BF16),
+    Row("Hermes-R small", ModelConfig(preset="small"), 64, BF16),
+    Row("Hermes-M small", ModelConfig(architecture="hermes_medformer", preset="small"), 64, BF16),
+    Row("ResUNet small", ModelConfig(architecture="resunet", preset="small"), 64, BF16),
+    Row("MedFormer small", ModelConfig(architecture="medformer", preset="small"), 64, BF16),
     # 96^3, not the paper's 128^3: one bf16 step of Hermes-R base at 96^3 peaks at 7.2 GB RSS, so
     # 128^3 would need ~17 GB of this shared 23 GB machine.
-    Row("Hermes-R base", ModelConfig(preset="base"), 96, BEST, steps=1),
-    Row("Hermes-M base", ModelConfig(architecture="hermes_medformer", preset="base"), 96, BEST, steps=1),
-    Row("ResUNet base", ModelConfig(architecture="resunet", preset="base"), 96, BEST, steps=1),
+    Row("Hermes-R base", ModelConfig(preset="base"), 96, (("bf16", "cl"),), steps=1),
+    Row(
+        "Hermes-M base",
+        ModelConfig(architecture="hermes_medformer", preset="base"),
+        96,
+        (("bf16", "cl"),),
+        steps=1,
+    ),
+    Row("ResUNet base", ModelConfig(architecture="resunet", preset="base"), 96, (("bf16", "cl"),), steps=1),
 ]
 
 
-def step_time(row: Row, precision: str, layout: str, steps: int) -> float:
+ROW_ORDER = {row.name: i for i, row in enumerate(ROWS)}
+
+
+def step_time(row: Row, precision: str, layout: str, steps: int, clock: str) -> float:
     torch.manual_seed(0)
     model = build_model(row.config, NUM_TASKS, NUM_MODALITIES, task_ids_of_model=list(range(REQUESTED - 1)))
     fmt = torch.channels_last_3d if layout == "cl" else torch.contiguous_format
@@ -76,14 +90,14 @@ def step_time(row: Row, precision: str, layout: str, steps: int) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     image = torch.randn(2, 1, row.patch, row.patch, row.patch).contiguous(memory_format=fmt)
     task_ids = torch.arange(REQUESTED).repeat(2, 1)
-    task_ids[:, -1] = NUM_TASKS  # one null column, as the reference's batches
+    # One null column as the reference's batches (baselines own tasks 0..14: ask task 0 twice).
+    task_ids[:, -1] = NUM_TASKS if row.config.architecture.startswith("hermes_") else 0
     modality = torch.zeros(2, dtype=torch.long)
     target = (torch.rand(2, REQUESTED, row.patch, row.patch, row.patch) > 0.9).float()
-    if not row.config.architecture.startswith("hermes_"):
-        task_ids[:, -1] = 0
+    now = time.process_time if clock == "cpu" else time.perf_counter
     times = []
     for i in range(steps + 1):
-        start = time.perf_counter()
+        start = now()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(image, task_ids, modality)
         loss = F.binary_cross_entropy_with_logits(out.logits, target)
@@ -91,7 +105,7 @@ def step_time(row: Row, precision: str, layout: str, steps: int) -> float:
         loss.backward()
         optimizer.step()
         if i:
-            times.append(time.perf_counter() - start)
+            times.append(now() - start)
     return min(times)
 
 
@@ -114,52 +128,85 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def write_section(path: Path, title: str, header: list[str], rows: list[str], command: str) -> None:
+    """Merge the rows into section ``## title`` of the markdown file (a re-measured model replaces
+    its row; the section lists every command that contributed), keeping the other sections and
+    the hand-written ``## Notes`` last."""
+    text = path.read_text() if path.is_file() else f"# Model size and training-step time\n\n{INTRO}\n"
+    head, *sections = text.split("\n## ")
+    named = {section.split("\n", 1)[0]: section for section in sections}
+    old = named.get(title, "")
+    commands = [line for line in old.splitlines() if line.startswith("- command:")]
+    table = {line.split("|")[1].strip(): line for line in old.splitlines() if line.startswith("| ")}
+    table.pop("model", None)
+    commands = [c for c in commands if c != f"- command: `{command}`"] + [f"- command: `{command}`"]
+    table.update({line.split("|")[1].strip(): line for line in rows})
+    named[title] = "\n".join(
+        [
+            title,
+            "",
+            *commands,
+            f"- last run: {datetime.date.today().isoformat()}, commit {commit()}, torch {torch.__version__}, "
+            f"{cpu_name()}, load average (1 min) at the end {os.getloadavg()[0]:.1f}",
+            "",
+            *header,
+            *[table[name] for name in sorted(table, key=ROW_ORDER.get)],
+            "",
+        ]
+    )
+    notes = named.pop("Notes", None)
+    ordered = [*named.values(), *([notes] if notes else [])]
+    atomic_write_text(path, "\n## ".join([head.rstrip("\n") + "\n", *ordered]).rstrip("\n") + "\n")
+
+
+INTRO = (
+    f"One step: forward + BCE on {REQUESTED} requested tasks (15 + one null column) + backward + "
+    f"AdamW, batch 2, random data, {NUM_TASKS} tasks and {NUM_MODALITIES} modalities in the pools; "
+    "each cell is the fastest of the measured steps after one warm-up step."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=3, help="measured steps per cell (after 1 warm-up)")
-    parser.add_argument("--only", default="", help="only rows whose name contains this text")
-    parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
-    args = parser.parse_args(argv)
-    header = (
-        "| model | params | patch | "
-        + " | ".join(f"{p} {m}" for p, m in Row("", ModelConfig(), 0).modes)
-        + " |"
+    parser.add_argument("--only", default="", help="only rows whose name contains one of these (a,b,...)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time; cpu: process CPU time (with --threads 1: insensitive to other load)",
     )
+    parser.add_argument("--out", type=Path, default=None, help="write the table into this markdown file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = Row("", ModelConfig(), 0).modes
+    header = "| model | params | patch | " + " | ".join(f"{p} {m}" for p, m in modes) + " |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    wanted = [part.strip().lower() for part in args.only.split(",")]
     for row in ROWS:
-        if args.only.lower() not in row.name.lower():
+        if not any(part in row.name.lower() for part in wanted):
             continue
         params = count_parameters(
             build_model(row.config, NUM_TASKS, NUM_MODALITIES, list(range(REQUESTED - 1)))
         )
-        cells = []
-        for mode in Row("", ModelConfig(), 0).modes:
-            cells.append(
-                f"{step_time(row, *mode, row.steps or args.steps):.2f} s" if mode in row.modes else ""
-            )
+        steps = row.steps or args.steps
+        cells = [
+            f"{step_time(row, *mode, steps, args.clock):.2f} s" if mode in row.modes else "" for mode in modes
+        ]
         line = f"| {row.name} | {params / 1e6:.2f} M | 2x{row.patch}^3 | " + " | ".join(cells) + " |"
         print(line, flush=True)
         lines.append(line)
     if args.out is not None:
-        command = "python bench/model_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        text = (
-            "# Model size and training-step time\n\n"
-            f"- command: `{command}`\n"
-            f"- date: {datetime.date.today().isoformat()}, commit {commit()}\n"
-            f"- machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"load average at the end {os.getloadavg()[0]:.1f}\n"
-            f"- step: forward + BCE on {REQUESTED} requested tasks + backward + AdamW, batch 2, fastest of "
-            f"{args.steps} steps after 1 warm-up; {NUM_TASKS} tasks and {NUM_MODALITIES} modalities in the pools\n\n"
-            + "\n".join(lines)
-            + "\n"
+        command = shlex.join(["python", "bench/model_speed.py", *(sys.argv[1:] if argv is None else argv)])
+        threads = torch.get_num_threads()
+        title = (
+            f"{'Wall clock' if args.clock == 'wall' else 'CPU time'}, {threads} thread{'s' * (threads > 1)}"
         )
-        # Hand-written analysis below a "## Notes" heading survives re-runs.
-        previous = args.out.read_text() if args.out.is_file() else ""
-        if "\n## Notes" in previous:
-            text += previous[previous.index("\n## Notes") :]
-        atomic_write_text(args.out, text)
+        write_section(args.out, title, lines[:2], lines[2:], command)
     return 0
 
 
