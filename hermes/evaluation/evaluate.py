@@ -452,7 +452,8 @@ def format_table(summary: dict[str, Any]) -> str:
         for task, stats in entry["tasks"].items():
             ci = stats["dice"]["ci95"]
             ci_text = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
-            label = task if len(task) <= 42 else "..." + task[-39:]
+            label = task[len(dataset) + 1 :] if task.startswith(dataset + "/") else task
+            label = label if len(label) <= 42 else "..." + label[-39:]
             lines.append(
                 f"  {label:<42} {stats['dice']['n']:>4} {_fmt(stats['dice']['mean']):>6} {ci_text:>15} "
                 f"{_fmt(stats['nsd']['mean']):>6} {_fmt(stats['hd95']['mean'], 2):>8} "

@@ -181,8 +181,10 @@ def overlay_figure(item: OverlaySlice, dice_text: str) -> str:
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=9, va="center")
-        ax.text(0.96, 0.5, "L", transform=ax.transAxes, color="yellow", fontsize=9, va="center")
+        marker = {"transform": ax.transAxes, "color": "yellow", "fontsize": 9, "va": "center",
+                  "bbox": {"facecolor": "black", "alpha": 0.55, "pad": 1.5, "edgecolor": "none"}}
+        ax.text(0.02, 0.5, "R", ha="left", **marker)
+        ax.text(0.98, 0.5, "L", ha="right", **marker)
     present = sorted(v for v in {int(v) for v in np.unique(item.ref)} | {int(v) for v in np.unique(item.pred)} if v > 0)
     handles = [Patch(color=colours[(v - 1) % len(colours)], label=_short(item.task_names[v - 1], item.dataset))
                for v in present if v - 1 < len(item.task_names)]
@@ -212,10 +214,18 @@ def _representative(
         picks = list(range(len(scored)))
     else:
         picks = sorted({round(k * (len(scored) - 1) / (count - 1)) for k in range(count)}) if count > 1 else [0]
-    names = {0: "best", len(scored) - 1: "worst", (len(scored) - 1) // 2: "median"}
-    return [
-        (names.get(p, "case"), scored[p][1], scored[p][0] if scored[p][0] >= 0 else None) for p in picks
-    ]
+    n = len(scored)
+
+    def kind(p: int) -> str:
+        if n == 1:
+            return "only case"
+        if p == 0:
+            return "best case"
+        if p == n - 1:
+            return "worst case"
+        return "median case" if len(picks) == 3 else f"case ranked {p + 1} of {n}"
+
+    return [(kind(p), scored[p][1], scored[p][0] if scored[p][0] >= 0 else None) for p in picks]
 
 
 def render_report(result: EvaluationResult, title: str = "Hermes evaluation", report_cases: int = 3) -> str:
@@ -246,7 +256,7 @@ def render_report(result: EvaluationResult, title: str = "Hermes evaluation", re
         if picks:
             parts.append("<h3>Reference vs prediction</h3>")
         for kind, item, mean_dice in picks:
-            text = f"({kind} case, mean Dice {_fmt(mean_dice)})"
+            text = f"({kind}, mean Dice {_fmt(mean_dice)})"
             parts.append(f"<div class=fig><img alt='{html.escape(item.case)}' src='{overlay_figure(item, text)}'></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
