@@ -1,9 +1,12 @@
 """Time one training step (forward, loss, backward, clip, LAMB) of Hermes-R per precision/layout.
 
 Decides ``precision: auto`` / ``channels_last: auto`` for CPU training (docs/bench/training.md).
-Random inputs; the first ``--warmup`` steps are discarded (oneDNN primitive creation).
+Random inputs; the first ``--warmup`` steps are discarded (oneDNN primitive creation). Reports
+the median wall time and the median process CPU time per step: on a machine shared with other
+jobs, CPU time with ``--threads 1`` is the stable number (with more threads, OpenMP's spin-wait
+at barriers is counted as CPU time too).
 
-    .venv/bin/python bench/training_precision.py --presets tiny small --patch 64 --steps 6
+    .venv/bin/python bench/training_precision.py --presets tiny small --patch 48 --threads 1
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from hermes.training.optim import build_optimizer, clip_gradients
 from hermes.training.precision import AmpSettings
 
 
-def time_steps(preset: str, patch: int, batch: int, tasks: int, amp: AmpSettings, steps: int, warmup: int) -> list[float]:
+def time_steps(
+    preset: str, patch: int, batch: int, tasks: int, amp: AmpSettings, steps: int, warmup: int
+) -> tuple[list[float], list[float]]:
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset=preset), num_tasks=tasks, num_modalities=3)
     if amp.channels_last:
@@ -37,9 +42,9 @@ def time_steps(preset: str, patch: int, batch: int, tasks: int, amp: AmpSettings
         "task_mask": torch.ones(batch, tasks, dtype=torch.bool),
         "modality_id": torch.zeros(batch, dtype=torch.long),
     }
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         with amp.autocast():
             out = model(image, batch_dict["task_ids"], batch_dict["modality_id"], batch_dict["task_mask"])
@@ -49,7 +54,8 @@ def time_steps(preset: str, patch: int, batch: int, tasks: int, amp: AmpSettings
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+            cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def main() -> None:
@@ -60,20 +66,26 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, patch {args.patch}^3, batch {args.batch}")
-    print("| preset | precision | channels_last | step (s, median) | vs fp32 contiguous |")
-    print("|---|---|---|---|---|")
+    print("| preset | precision | channels_last | wall s/step | CPU s/step | CPU speed-up vs fp32 contiguous |")
+    print("|---|---|---|---|---|---|")
     for preset in args.presets:
         base = None
         for dtype in (None, torch.bfloat16):
             for channels_last in (False, True):
                 amp = AmpSettings(dtype, False, channels_last, "cpu")
-                median = statistics.median(
-                    time_steps(preset, args.patch, args.batch, args.tasks, amp, args.steps, args.warmup)
+                wall, cpu = time_steps(preset, args.patch, args.batch, args.tasks, amp, args.steps, args.warmup)
+                wall_median, cpu_median = statistics.median(wall), statistics.median(cpu)
+                base = base or cpu_median
+                print(
+                    f"| {preset} | {amp.name} | {channels_last} | {wall_median:.3f} | {cpu_median:.3f} "
+                    f"| {base / cpu_median:.2f}x |",
+                    flush=True,
                 )
-                base = base or median
-                print(f"| {preset} | {amp.name} | {channels_last} | {median:.3f} | {base / median:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
