@@ -9,12 +9,14 @@ augmentation) -> ``models`` (context priors, fusion, prototypes, backbones) -> `
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "predict"]
 
 
-def predict(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export
+def predict(*args: Any, **kwargs: Any) -> Any:
     """Segment one image with a saved model; see :func:`hermes.inference.api.predict`."""
     from hermes.inference.api import predict as _predict
 
