@@ -128,6 +128,7 @@ def _train_worker(rank: int, world_size: int, port: int, config_json: str) -> No
 
 @pytest.mark.slow
 def test_train_under_two_ranks_writes_once(small_cache, tmp_path: Path) -> None:
+    """`hermes train` under two ranks, with MedContext (clean + masked halves in one DDP forward)."""
     from hermes.config import TrainConfig
     from hermes.models.registry import load_model
 
@@ -135,6 +136,7 @@ def test_train_under_two_ranks_writes_once(small_cache, tmp_path: Path) -> None:
     config = TrainConfig.model_validate({
         "catalog": str(catalog), "cache": str(cache), "output": str(tmp_path / "run"), "steps": 2,
         "log_every": 1, "precision": "fp32", "model": {"preset": "tiny"},
+        "medcontext": {"enabled": True, "mask_patch": [8, 8, 8]},
         "data": {"patch_size": [32, 32, 32], "batch_size": 1, "num_workers": 0, "val_fraction": 0.0},
     })
     mp.spawn(_train_worker, args=(2, _free_port(), config.model_dump_json()), nprocs=2, join=True)
@@ -142,3 +144,4 @@ def test_train_under_two_ranks_writes_once(small_cache, tmp_path: Path) -> None:
     assert spec["training"]["steps"] == 2
     rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
     assert len(rows) == 3  # header + 2 steps, written by rank 0 only
+    assert "consistency" in rows[0]
