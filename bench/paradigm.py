@@ -379,7 +379,37 @@ def aggregate(results: list[dict[str, Any]], datasets: list[str], models: list[s
     return table
 
 
-def markdown(table: dict[str, Any], datasets: list[str], meta: dict[str, Any]) -> str:
+def task_table(results: list[dict[str, Any]], datasets: list[str], table: dict[str, Any]) -> list[str]:
+    """Per-task Dice (mean over seeds): where a dataset mean hides one failed structure."""
+    keys = list(table)
+    cells: dict[str, dict[str, list[float]]] = {}
+    for r in results:
+        for name, entry in r["datasets"].items():
+            if name not in datasets:
+                continue
+            for task, stats in entry.get("tasks", {}).items():
+                if stats.get("dice") is not None:
+                    cells.setdefault(task, {}).setdefault(r["model"], []).append(100.0 * stats["dice"])
+    if not cells:
+        return []
+    lines = ["**Dice (%) per task** (mean over the seeds run)", ""]
+    lines.append("| Task | " + " | ".join(table[k]["label"] for k in keys) + " |")
+    lines.append("|---|" + "---|" * len(keys))
+    for task in sorted(
+        cells, key=lambda t: datasets.index(t.split("/")[0]) if t.split("/")[0] in datasets else 0
+    ):
+        row = [f"{np.mean(cells[task][k]):.1f}" if k in cells[task] else "-" for k in keys]
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
+
+
+def markdown(
+    table: dict[str, Any],
+    datasets: list[str],
+    meta: dict[str, Any],
+    results: list[dict[str, Any]] | None = None,
+) -> str:
     scale = {
         "dice": (100.0, 1, "Dice (%)"),
         "nsd": (100.0, 1, f"NSD (%, {meta['nsd_tolerance_mm']:g} mm)"),
@@ -409,6 +439,7 @@ def markdown(table: dict[str, Any], datasets: list[str], meta: dict[str, Any]) -
                 f"| {entry['label']} | {entry['paradigm']} | {seeds} | " + " | ".join(cells) + f" | {mean} |"
             )
         lines.append("")
+    lines.extend(task_table(results or [], datasets, table))
     lines.append(
         "**Wall time** (this machine, shared CPU; all seeds and, for traditional rows, all datasets)"
     )
@@ -438,7 +469,7 @@ def write_outputs(out: Path, work: Path, datasets: list[str], meta: dict[str, An
         {"meta": meta, "datasets": datasets, "table": table, "runs": _json_safe(results)},
     )
     md = out / "paradigm.md"
-    atomic_write_text(md, markdown(table, datasets, meta))
+    atomic_write_text(md, markdown(table, datasets, meta, results))
     return md
 
 
