@@ -150,3 +150,25 @@ def test_ema_warmup_params_and_buffers() -> None:
     assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 3.0))
     assert ema.module[1].num_batches_tracked.item() == 7
     assert ema.decay_at(1) == 0.5 and ema.decay_at(1000) == 0.5
+
+
+def test_lamb_multi_tensor_path_equals_per_tensor_path(monkeypatch) -> None:
+    import hermes.training.optim as optim_module
+
+    torch.manual_seed(0)
+    shapes = [(4, 3), (7,), (2, 2, 3), (1,)]
+    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    start[3].zero_()  # a zero tensor: trust ratio 1
+    results = []
+    for use_loop in (False, True):
+        if use_loop:
+            monkeypatch.setattr(optim_module, "_lamb_foreach", optim_module._lamb_loop)
+        params = [nn.Parameter(t.clone()) for t in start]
+        opt = Lamb(params, lr=0.05, weight_decay=0.1, max_grad_norm=1.0, trust_clip=True)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float64) + step + i).view_as(p) * 3
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

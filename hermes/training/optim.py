@@ -87,39 +87,79 @@ class Lamb(Optimizer):
         divisor = self._global_clip_divisor()
         for group in self.param_groups:
             group["step"] += 1
-            step = group["step"]
-            beta1, beta2 = group["betas"]
-            beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
-            if group["bias_correction"]:
-                bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
-            else:
-                bc1, bc2 = 1.0, 1.0
-            weight_decay = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad if divisor is None else p.grad / divisor.to(p.grad.device)
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=beta3)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
-                update = (exp_avg / bc1).div_(denom)
-                if weight_decay != 0:
-                    update.add_(p, alpha=weight_decay)
-                if weight_decay != 0 or group["always_adapt"]:
-                    w_norm = p.norm(2.0)
-                    u_norm = update.norm(2.0)
-                    one = torch.ones_like(w_norm)
-                    ratio = torch.where(w_norm > 0, torch.where(u_norm > 0, w_norm / u_norm, one), one)
-                    if group["trust_clip"]:
-                        ratio = ratio.clamp(max=1.0)
-                    update.mul_(ratio)
-                p.add_(update, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            homogeneous = len({(p.device, p.dtype) for p in params}) == 1
+            update_fn = _lamb_foreach if homogeneous else _lamb_loop
+            update_fn(params, [self.state[p] for p in params], group, divisor)
         return loss
+
+
+def _coefficients(group: dict) -> tuple[float, float, float, float, float]:
+    beta1, beta2 = group["betas"]
+    beta3 = 1.0 - beta1 if group["grad_averaging"] else 1.0
+    step = group["step"]
+    if group["bias_correction"]:
+        return beta1, beta2, beta3, 1.0 - beta1**step, 1.0 - beta2**step
+    return beta1, beta2, beta3, 1.0, 1.0
+
+
+def _trust_ratio(w_norm: Tensor, u_norm: Tensor, clip: bool) -> Tensor:
+    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+    return ratio.clamp(max=1.0) if clip else ratio
+
+
+def _lamb_loop(params: list[Tensor], states: list[dict], group: dict, divisor: Tensor | None) -> None:
+    """One tensor at a time (parameters on several devices or of several dtypes)."""
+    beta1, beta2, beta3, bc1, bc2 = _coefficients(group)
+    weight_decay = group["weight_decay"]
+    for p, state in zip(params, states):
+        grad = p.grad if divisor is None else p.grad / divisor.to(p.grad.device)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=beta3)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
+        update = (exp_avg / bc1).div_(denom)
+        if weight_decay != 0:
+            update.add_(p, alpha=weight_decay)
+        if weight_decay != 0 or group["always_adapt"]:
+            update.mul_(_trust_ratio(p.norm(2.0), update.norm(2.0), group["trust_clip"]))
+        p.add_(update, alpha=-group["lr"])
+
+
+def _lamb_foreach(params: list[Tensor], states: list[dict], group: dict, divisor: Tensor | None) -> None:
+    """The same update with multi-tensor (``torch._foreach_*``) kernels: one call per operation
+    for all tensors instead of one per tensor (the per-tensor Python loop costs more than the
+    arithmetic for a small model)."""
+    beta1, beta2, beta3, bc1, bc2 = _coefficients(group)
+    weight_decay = group["weight_decay"]
+    grads = [p.grad for p in params]
+    if divisor is not None:
+        grads = torch._foreach_div(grads, divisor.to(grads[0].device))
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=beta3)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, math.sqrt(bc2))
+    torch._foreach_add_(denom, group["eps"])
+    updates = torch._foreach_div(exp_avgs, bc1)
+    torch._foreach_div_(updates, denom)
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    if weight_decay != 0 or group["always_adapt"]:
+        w_norms = torch.stack(torch._foreach_norm(params))
+        u_norms = torch.stack(torch._foreach_norm(updates))
+        ratios = _trust_ratio(w_norms, u_norms, group["trust_clip"])
+        torch._foreach_mul_(updates, list(ratios.unbind()))
+    torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> Optimizer:
