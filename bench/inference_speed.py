@@ -9,12 +9,16 @@ repetitions, so both see the same background load) and the maximum absolute diff
 sigmoid probabilities. Also times the precision / memory-layout variants that "auto" chooses
 between.
 
+``memory``: the stitchers alone (a 1x1x1 convolution as the network) on a CT-sized cache-space
+volume, each run in a fresh subprocess: added peak RSS (VmHWM) and time per task count.
+
 ``pipeline``: ``Predictor.predict`` on a synthetic 512x512x300 int16 CT (0.78x0.78x1.5 mm,
 body-shaped so the body crop behaves as on a real scan), each run in a fresh subprocess that
 reports its peak RSS (``resource.getrusage``) and timings. The MONAI rows use the identical
 pipeline with only the stitcher swapped for MONAI's (float32 output, as MONAI allocates it).
 
     .venv/bin/python bench/inference_speed.py stitch
+    .venv/bin/python bench/inference_speed.py memory --shape 226 160 300 --task-counts 8 32
     .venv/bin/python bench/inference_speed.py pipeline --presets tiny small --spacing 3.0
 """
 
@@ -212,6 +216,51 @@ def pipeline_child(args: argparse.Namespace) -> None:
     }))
 
 
+def memory_child(args: argparse.Namespace) -> None:
+    """Stitching alone: a 1x1x1 convolution as the network, so the stitcher's own memory and
+    time dominate. Prints one JSON line."""
+    from monai.inferers import sliding_window_inference as monai_swi
+
+    from hermes.inference.sliding_window import sliding_window_inference
+
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(1, args.tasks, 1).eval()
+    image = torch.randn(1, 1, *args.shape)
+    window = (args.patch,) * 3
+    rss = _proc_mb("VmRSS")
+    _reset_peak()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        if args.stitcher == "monai":
+            out = monai_swi(image, window, args.batch, network, overlap=args.overlap, mode="gaussian")
+        else:
+            out = sliding_window_inference(image, network, window, overlap=args.overlap,
+                                           window_batch_size=args.batch, precision="fp32", channels_last=False)
+    print(json.dumps({
+        "stitcher": args.stitcher, "tasks": args.tasks, "shape": args.shape, "patch": args.patch,
+        "overlap": args.overlap, "wall_s": round(time.perf_counter() - start, 2),
+        "cpu_s": round(time.process_time() - start_cpu, 2), "added_peak_mb": round(_proc_mb("VmHWM") - rss),
+        "output_mb": round(out.numel() * out.element_size() / 2**20),
+        "input_mb": round(image.numel() * 4 / 2**20),
+    }))
+
+
+def bench_memory(args: argparse.Namespace) -> dict[str, object]:
+    rows = []
+    for tasks in args.task_counts:
+        for stitcher in ("hermes", "monai"):
+            cmd = [sys.executable, __file__, "memory-child", "--stitcher", stitcher, "--tasks", str(tasks),
+                   "--shape", *map(str, args.shape), "--patch", str(args.patch), "--overlap", str(args.overlap),
+                   "--batch", str(args.batch)]
+            result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                print(result.stderr, file=sys.stderr)
+                raise SystemExit(f"memory run failed: {' '.join(cmd)}")
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return {"part": "memory", "rows": rows}
+
+
 def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
     rows = []
     for preset in args.presets:
@@ -236,7 +285,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["stitch", "pipeline", "pipeline-child"])
+    parser.add_argument("part", choices=["stitch", "memory", "pipeline", "pipeline-child", "memory-child"])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--tasks", type=int, default=8)
@@ -247,6 +296,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--task-counts", type=int, nargs="+", default=[8, 32], help="memory: tasks per run")
     parser.add_argument("--stitcher", default="hermes", choices=["hermes", "monai"])
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--channels-last", action="store_true")
@@ -261,7 +311,10 @@ def main() -> None:
     if args.part == "pipeline-child":
         pipeline_child(args)
         return
-    result = bench_stitch(args) if args.part == "stitch" else bench_pipeline(args)
+    if args.part == "memory-child":
+        memory_child(args)
+        return
+    result = {"stitch": bench_stitch, "memory": bench_memory, "pipeline": bench_pipeline}[args.part](args)
     result["machine"] = {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
         "load_avg_1min": os.getloadavg()[0],

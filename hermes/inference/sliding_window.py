@@ -1,16 +1,16 @@
 """Gaussian-weighted sliding-window inference whose memory does not grow with tasks x volume.
 
 A universal model predicts up to dozens of task channels for a CT of 10^7..10^8 voxels; MONAI's
-``sliding_window_inference`` stitches them in float32 plus a float32 count map, i.e. at least
-``4 x T x V`` bytes. Here windows are visited in order of their start along the first axis:
-their weighted logits are summed in a float32 buffer only one window wide along that axis, and
-every slice that no later window touches is normalised and stored once in float16, so the
-result costs ``2 x T x V`` bytes plus the buffer (``4 x T x window x Y x Z``) and one shared
-float32 weight volume. The sums are exact float32 (one rounding per voxel), the hot loop does
-the same float32 adds as MONAI, and window positions and the Gaussian importance map are MONAI's
-own (``dense_patch_slices``, ``compute_importance_map``), so both stitchers evaluate the network
-at the same places and agree up to float16 rounding (bench/inference_speed.py measures speed,
-memory and the difference; with ``accumulate_dtype=float32`` the results are MONAI's).
+``sliding_window_inference`` stitches them in float32 plus a count map, i.e. more than
+``4 x T x V`` bytes. Here the blending weight (one float32 volume shared by all tasks) is
+computed up front from the window grid, each window adds ``logits x importance / weight``, its
+share of the final weighted mean, and the sums are kept in float16: ``2 x T x V`` bytes, no
+normalisation pass, and no overflow on the way (every partial sum is bounded by the largest
+logit; logits beyond float16's range become +-inf, i.e. probability 1/0). Window positions and
+the Gaussian importance map are MONAI's own (``dense_patch_slices``, ``compute_importance_map``),
+so both stitchers evaluate the network at the same places; the results agree up to float16
+rounding, and exactly (1e-5) with ``accumulate_dtype=float32``. bench/inference_speed.py
+measures speed, memory and the difference.
 
 The network is any callable ``(b, C, *window) -> (b, T, *window)`` logits: the Hermes model
 needs task ids and a modality id, which the predictor binds in a closure.
@@ -188,10 +188,9 @@ def sliding_window_inference(
         network: ``(b, C, *window) -> (b, T, *window)`` logits.
         window_size: the model's patch size; volumes smaller than it are zero-padded
             symmetrically (as MONAI does) and cropped back.
-        accumulate_dtype: dtype of the returned logits. float16 (default) halves the memory
-            of the stitched volume; sums are float32 in any case (rounded once per voxel), and
-            values beyond the dtype's range (far beyond any that changes a probability) are
-            clamped. float32 gives MONAI's result.
+        accumulate_dtype: dtype of the running sums and of the result. float16 (default)
+            halves the stitching memory (probabilities within ~1e-3 of float32); float32 gives
+            MONAI's result.
 
     Returns:
         ``(T, X, Y, Z)`` blended logits in ``accumulate_dtype`` on ``image.device``.
@@ -222,46 +221,24 @@ def sliding_window_inference(
     for sl in slices:
         weight[sl] += importance
 
-    # Windows in order of their first-axis start. Once a window starting at x0 is reached, no
-    # later window touches x < x0, so those slices are final: a float32 buffer spanning one
-    # window's width along x collects the weighted sums, and finished slices are normalised and
-    # stored in `accumulate_dtype` once (one rounding per voxel, float32 adds in the hot loop).
-    slices = sorted(slices, key=lambda sl: sl[0].start)
-    span = window[0]
+    # Each window adds logits x importance / total weight: its share of the final weighted
+    # mean. The running sums are then already at the final scale (bounded by the largest
+    # logit, so float16 cannot overflow on the way) and no normalisation pass over T x V is
+    # needed at the end.
     output: torch.Tensor | None = None
-    buffer: torch.Tensor | None = None
-    low = 0  # first x of the buffer
-    limit = torch.finfo(accumulate_dtype).max
-
-    def flush(upto: int) -> None:
-        """Store x in [low, upto) normalised into `output` and slide the buffer to `upto`."""
-        nonlocal buffer, low
-        assert output is not None and buffer is not None
-        n = min(upto, shape[0]) - low
-        if n <= 0:
-            return
-        final = buffer[:, :n] / weight[low : low + n]
-        output[:, low : low + n] = final.clamp_(-limit, limit).to(accumulate_dtype)
-        buffer = torch.cat([buffer[:, n:], torch.zeros_like(buffer[:, :n])], dim=1)
-        low += n
-
+    exact = accumulate_dtype == torch.float32
     batches = _batches(slices, window_batch_size)
     n_batches = math.ceil(len(slices) / window_batch_size)
     for group in tqdm(batches, total=n_batches, desc="sliding window", unit="batch", disable=not progress):
         windows = torch.cat([image[(slice(None), slice(None), *sl)] for sl in group], dim=0)
         logits = runner(windows).to(store)
         if output is None:
-            output = torch.empty((logits.shape[1], *shape), dtype=accumulate_dtype, device=store)
-            buffer = torch.zeros((logits.shape[1], span, *shape[1:]), dtype=torch.float32, device=store)
-        assert buffer is not None
-        logits *= importance
+            output = torch.zeros((logits.shape[1], *shape), dtype=accumulate_dtype, device=store)
         for index, sl in enumerate(group):
-            if sl[0].start > low:
-                flush(sl[0].start)
-            local = (slice(None), slice(sl[0].start - low, sl[0].stop - low), sl[1], sl[2])
-            buffer[local] += logits[index]
+            share = importance / weight[sl]
+            contribution = logits[index].mul_(share)
+            output[(slice(None), *sl)] += contribution if exact else contribution.to(accumulate_dtype)
     assert output is not None  # at least one window always exists
-    flush(shape[0])
     if any(p for pair in pads for p in pair):
         crop = tuple(slice(lo, lo + size) for (lo, _), size in zip(pads, original_shape))
         output = output[(slice(None), *crop)].clone()
