@@ -12,7 +12,7 @@ from inference_helpers import make_model_dir
 
 from hermes.cli import main
 from hermes.config import InferenceConfig
-from hermes.data.imageio import Image, load_image, save_image
+from hermes.data.imageio import Image, axis_codes, load_image, save_image
 from hermes.errors import ConfigError, DataError
 from hermes.inference import Predictor, predict
 from hermes.inference.api import discover_inputs
@@ -170,17 +170,19 @@ def test_api_predict_returns_arrays_and_metadata(model_dir: Path) -> None:
         discover_inputs("/nonexistent/image.nii.gz")
 
 
+@pytest.mark.slow
 @pytest.mark.realmini
 def test_realmini_case_and_dicom_series_geometry(realmini_root: Path, tmp_path: Path) -> None:
     # Coarse 8 mm model spacing: geometry is what is tested, not segmentation quality.
     model = make_model_dir(tmp_path / "model", spacing=(8.0, 8.0, 8.0))
     predictor = Predictor(model, device="cpu", config=InferenceConfig(overlap=0.0, window_batch_size=4))
-    # An LAS NIfTI case and the DICOM series (LPS in DICOM, rows flipped vs its NIfTI label).
-    case = realmini_root / "Dataset505_TotalSegCT" / "imagesTs" / "totalseg_example_ct_0000.nii.gz"
+    # An LPS NIfTI case (BraTS) and the DICOM series (LPS, rows flipped vs its NIfTI label).
+    case = next((realmini_root / "Dataset504_BrainTumourMR" / "imagesTs").glob("*_0000.nii.gz"))
     dicom = realmini_root / "dicom_ct_example" / "dicom"
-    for source in (case, dicom):
+    for source, modality in ((case, "T1"), (dicom, "CT")):
         original = load_image(source)
-        prediction = predictor.predict(source, modality="CT", progress=False)
+        assert axis_codes(original.affine) == "LPS"
+        prediction = predictor.predict(source, modality=modality, progress=False)
         assert prediction.labels is not None and prediction.labels.shape == original.array.shape
         assert np.array_equal(prediction.affine, original.affine)
         out = tmp_path / f"{source.name}_seg.nii.gz"
