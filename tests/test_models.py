@@ -73,6 +73,22 @@ def test_task_order_permutes_logits(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", HERMES)
+def test_requested_output_subset_equals_full_request(arch: str) -> None:
+    """The paper's design (prompt = context): same prompt, fewer outputs, identical logits."""
+    model = make(arch)
+    x = image(batch=2)
+    prompt, modality = torch.tensor([[1, 4, 6, 9], [2, 3, 5, 7]]), torch.tensor([0, 1])
+    with torch.no_grad():
+        full = model(x, prompt, modality)
+        subset = model(x, prompt, modality, output_tasks=[3, 1])
+    assert subset.logits.shape[1] == 2
+    torch.testing.assert_close(subset.logits, full.logits[:, [3, 1]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(subset.modality_logits, full.modality_logits)
+    with pytest.raises(ValueError, match="output_tasks"):
+        model(x, prompt, modality, output_tasks=[4])
+
+
+@pytest.mark.parametrize("arch", HERMES)
 def test_subset_request_equals_full_request_without_task_conditioning(arch: str) -> None:
     model = make(arch, task_conditioned_features=False)
     x = image(batch=1)
@@ -223,10 +239,11 @@ def test_base_preset_matches_the_paper_parameter_count() -> None:
     assert abs(count_parameters(model) - 60.88e6) < 0.05e6  # paper: 60.88 M for Hermes-R
 
 
-@pytest.mark.parametrize("arch", ["hermes_medformer", "resunet"])
+@pytest.mark.parametrize("arch", ["hermes_medformer", "resunet", "dynunet"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, arch: str) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(architecture=arch, preset="tiny"), T, M, task_ids_of_model=[2, 3]).eval()
+    config = ModelConfig(architecture=arch, preset="tiny")
+    model = build_model(config, T, M, task_ids_of_model=[2, 3], patch_size=[32, 32, 32]).eval()
     ids, mod = torch.tensor([[2, 3]]), torch.tensor([1])
     with torch.no_grad():
         before = model(image(batch=1), ids, mod).logits

@@ -10,7 +10,7 @@ affine equal the input's) -> threshold.
 **Prompts.** A Hermes model reads the requested task list as context (the paper always prompts
 with one dataset's full task list), so tasks are grouped by the dataset that trained them and
 each group is prompted with that dataset's full task list; only the requested channels are
-kept. A model built with ``task_conditioned_features: false`` gives identical logits for any
+computed at full resolution (``output_tasks``). A model built with ``task_conditioned_features: false`` gives identical logits for any
 subset, so all tasks then run in one pass.
 
 **Memory.** One group at a time: float16 stitching (sliding_window.py), then one task at a
@@ -400,12 +400,13 @@ class Predictor:
         task_row = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
         modality = torch.tensor([modality_id], dtype=torch.long, device=self.device)
         index = [list(prompt).index(t) for t in keep]
-        select = None if index == list(range(len(prompt))) else torch.tensor(index, device=self.device)
+        # Only the kept tasks' prototypes and voxel-wise dot products are computed (HermesModel's
+        # ``output_tasks``); traditional models are always prompted with exactly the kept tasks.
+        extra = {} if index == list(range(len(prompt))) else {"output_tasks": index}
 
         def network(batch: torch.Tensor) -> torch.Tensor:
             b = batch.shape[0]
-            logits = self.model(batch, task_row.expand(b, -1), modality.expand(b)).logits
-            return logits if select is None else logits.index_select(1, select)
+            return self.model(batch, task_row.expand(b, -1), modality.expand(b), **extra).logits
 
         return network
 

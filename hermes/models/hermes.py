@@ -13,9 +13,15 @@ the catalog. Padded slots (task_mask False, or the NULL id) are masked out of ev
 that the image features or the real tokens read, so they change nothing in the real outputs;
 their own logits are meaningless and must be ignored through ``task_mask``.
 
-By default (the paper's design) the image features read the requested task tokens, so the task
-list is *context*: query a dataset's full task list. With ``task_conditioned_features=False``
-the features read only the modality tokens and any subset of tasks yields identical logits.
+**Prompt vs output.** By default (the paper's design) the image features read the prompted task
+tokens, so the task list is *context*: the paper always prompts with one dataset's full task
+list, and prompting with fewer tasks changes the features. A caller that wants only some of the
+prompted tasks passes ``output_tasks`` (positions in the prompt): the backbone still reads the
+full prompt, but prototypes and the voxel-wise dot product (the part whose cost grows with T at
+full resolution) are computed for the requested tasks only, and their logits equal the full
+request's bit for bit. With ``task_conditioned_features=False`` the features read only the
+modality tokens, so even the prompt can be any subset with identical logits (decided in
+docs/architecture.md, "Task prompts").
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from hermes.models.heads import ModalityHead, PrototypeHead
@@ -76,7 +83,12 @@ class HermesModel(nn.Module):
         return priors
 
     def forward(
-        self, image: Tensor, task_ids: Tensor, modality_id: Tensor, task_mask: Tensor | None = None
+        self,
+        image: Tensor,
+        task_ids: Tensor,
+        modality_id: Tensor,
+        task_mask: Tensor | None = None,
+        output_tasks: Sequence[int] | None = None,
     ) -> SegmentationOutput:
         check_ids(task_ids, modality_id, self.num_tasks, self.num_modalities)
         valid = task_validity(task_ids, self.priors.null_task_id, task_mask)
@@ -85,6 +97,11 @@ class HermesModel(nn.Module):
         num_tasks = task_ids.shape[1]
         out = self.backbone(image, self._select_priors(task_ids, valid, modality_id))
         task_tokens = [out.posteriors[stage][:, :num_tasks] for stage in self.prototype_stages]
+        if output_tasks is not None:
+            if not output_tasks or min(output_tasks) < 0 or max(output_tasks) >= num_tasks:
+                raise ValueError(f"output_tasks {list(output_tasks)} must be positions in a prompt of {num_tasks} tasks")
+            index = torch.as_tensor(list(output_tasks), device=image.device)
+            task_tokens = [tokens.index_select(1, index) for tokens in task_tokens]
         features = out.features if self.feature_projection is None else self.feature_projection(out.features)
         logits = self.prototype_head(task_tokens, features)
         modality_logits = None

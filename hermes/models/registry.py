@@ -239,7 +239,18 @@ def save_model(directory: str | Path, model: nn.Module, spec: dict[str, Any]) ->
     if build_spec is None:
         raise ModelError("save_model: this model was not made by build_model (no build_spec)")
     directory = Path(directory)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    # safetensors refuses tensors that share storage (MONAI DynUNet's deep-supervision heads
+    # alias its decoder's output layers), so such entries are written as separate copies; loading
+    # fills both names with equal values, which restores the aliasing's effect.
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        key = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and key in seen:
+            tensor = tensor.clone()
+        seen.add(key)
+        state[name] = tensor
     atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_bytes(state))
     atomic_write_json(directory / SPEC_FILE, {**spec, "model": build_spec})
     return directory
