@@ -272,3 +272,8 @@ def test_load_model_errors_name_the_problem(tmp_path) -> None:
     (directory / "spec.json").write_text("{")
     with pytest.raises(ModelError, match="not valid JSON"):
         load_model(directory)
+
+
+def test_swinunetr_rejects_patches_it_cannot_train_on() -> None:
+    with pytest.raises(ConfigError, match="at least 64"):
+        build_model(ModelConfig(architecture="swinunetr", preset="tiny"), T, M, task_ids_of_model=[1], patch_size=[32, 64, 64])

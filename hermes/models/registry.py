@@ -182,6 +182,12 @@ def _build_network(config: ModelConfig, out_channels: int, patch_size: Sequence[
             norm_name=norm,
         )
         return MonaiAdapter(network)
+    if patch_size is not None and min(patch_size) < 64:
+        # Five 2x reductions leave a 1-voxel bottleneck below 64, where instance norm cannot
+        # train (MONAI raises "Expected more than 1 spatial element" in the first step).
+        raise ConfigError(
+            f"model.architecture swinunetr needs patches of at least 64 voxels per axis, got {list(patch_size)}"
+        )
     network = SwinUNETR(
         in_channels=config.in_channels,
         out_channels=out_channels,
