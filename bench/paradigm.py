@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import shutil
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hermes.fileio import atomic_write_json, atomic_write_text
+from hermes.fileio import atomic_write_json, atomic_write_text, json_safe
 
 REPO = Path(__file__).resolve().parents[1]
 # The synthetic datasets that mirror the paper's table columns (BCV, LiTS, KiTS, CHAOS, AMOS-MR).
@@ -466,21 +465,11 @@ def write_outputs(out: Path, work: Path, datasets: list[str], meta: dict[str, An
     table = aggregate(results, datasets, [key for key in MODELS if key in present])
     atomic_write_json(
         out / "paradigm.json",
-        {"meta": meta, "datasets": datasets, "table": table, "runs": _json_safe(results)},
+        {"meta": meta, "datasets": datasets, "table": table, "runs": json_safe(results)},
     )
     md = out / "paradigm.md"
     atomic_write_text(md, markdown(table, datasets, meta, results))
     return md
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if result["parameters"] is None:
             result["parameters"] = count_params(row, catalog_path, dataset, args.preset, args.patch)
-        atomic_write_json(result_file, _json_safe(result))
+        atomic_write_json(result_file, json_safe(result))
         dice = " ".join(
             f"{d}={v['dice']:.3f}" for d, v in result["datasets"].items() if v["dice"] is not None
         )

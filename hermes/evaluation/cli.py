@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="score the multi-label map (default; overlaps: most probable wins) or each task's own mask")
     model.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     model.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    model.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                       help="autocast precision of the sliding window (default auto: bf16 where native)")
+    model.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.5)")
     model.add_argument("--save-predictions", action="store_true", help="also write OUT/predictions/<dataset>/CASE.nii.gz")
     model.add_argument("--max-cases", type=int, default=None, help="at most this many cases per dataset (quick checks)")
 
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or args.pred / "evaluation"
         title = f"Evaluation of {args.pred}"
     else:
-        inference = InferenceConfig(mirror_tta=args.tta, **({"output": args.output_type} if args.output_type else {}))
+        chosen = {"output": args.output_type, "precision": args.precision, "overlap": args.overlap}
+        inference = InferenceConfig(mirror_tta=args.tta, **{k: v for k, v in chosen.items() if v is not None})
         out = args.out or args.model / f"evaluation_{args.split}"
         result = evaluate_model(
             args.model, args.catalog, split=args.split, datasets=args.datasets, inference=inference, config=config,

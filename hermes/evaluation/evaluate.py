@@ -45,7 +45,7 @@ from hermes.data.imageio import (
 )
 from hermes.errors import DataError
 from hermes.evaluation.metrics import MaskScores, score_masks
-from hermes.fileio import atomic_write_json, atomic_write_text
+from hermes.fileio import atomic_write_json, atomic_write_text, json_safe
 
 METRICS = ("dice", "hd95", "nsd")
 CSV_COLUMNS = (
@@ -476,16 +476,6 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_outputs(
     result: EvaluationResult, output_dir: str | Path, report: bool = False, title: str = "", report_cases: int = 3
 ) -> Path:
@@ -497,7 +487,7 @@ def write_outputs(
     for row in result.rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     atomic_write_text(output_dir / "metrics.csv", buffer.getvalue())
-    atomic_write_json(output_dir / "summary.json", _json_safe(result.summary))
+    atomic_write_json(output_dir / "summary.json", json_safe(result.summary))
     if report:
         from hermes.evaluation.report import write_report
 
