@@ -56,6 +56,17 @@ def write_train_config(out: Path, overrides: dict[str, Any] | None = None) -> Pa
     return path
 
 
+def describe_cohort(folders: Sequence[Path]) -> str:
+    """What was generated: one row per dataset (modality, cases, grid, orientation, label set)."""
+    from hermes.synthetic.cli import text_table
+    from hermes.synthetic.cohort import summarize
+
+    rows = [summarize(Path(folder)) for folder in folders]
+    cases = sum(int(r["train"]) + int(r["test"]) for r in rows)  # type: ignore[call-overload]
+    modalities = sorted({str(r["modality"]) for r in rows})
+    return f"{text_table(rows)}\n{len(rows)} datasets, {cases} cases, modalities {', '.join(modalities)}"
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -94,6 +105,7 @@ def run_demo(
     )
     catalog_path = write_catalog(folders, out)
     done("cohort")
+    print(describe_cohort(folders), flush=True)
 
     stage("prepare")
     prepare_cache(load_catalog(catalog_path), out / "cache", progress=progress)

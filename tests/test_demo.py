@@ -26,6 +26,8 @@ def test_demo_pipeline_runs_and_resumes(tmp_path, capsys) -> None:
         assert (tmp_path / "demo" / name).is_file(), name
     assert "LiverCT (mean)" in result.table
     assert set(result.seconds) == {"cohort", "prepare", "train", "evaluate"}
+    printed = capsys.readouterr().out  # what was generated: datasets, cases, modalities, labels
+    assert "Dataset102_LiverCT" in printed and "liver_tumour" in printed and "2 datasets, 6 cases" in printed
     # a second run reuses the cohort and cache and resumes the finished training
     again = run_demo(tmp_path / "demo", train_overrides=overrides, **kwargs)
     assert again.summary["overall"] == result.summary["overall"]

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _table(rows: list[dict[str, object]]) -> str:
+def text_table(rows: list[dict[str, object]]) -> str:
+    """Plain aligned columns (also used by ``hermes demo``)."""
     columns = list(rows[0])
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             }
             for s in specs
         ]
-        print(_table(rows))
+        print(text_table(rows))
         return 0
     if args.out is None:
         raise ConfigError("hermes cohort needs --out DIR (or --list)")
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     elapsed = time.perf_counter() - start
-    print(_table([summarize(folder) for folder in folders]))
+    print(text_table([summarize(folder) for folder in folders]))
     n_cases = sum(len(list((f / "imagesTr").iterdir())) + len(list((f / "imagesTs").iterdir())) for f in folders)
     print(f"\n{len(folders)} datasets, {n_cases} cases in {args.out} ({elapsed:.1f} s, seed {args.seed}, scale {args.scale:g})")
     if args.preview:
