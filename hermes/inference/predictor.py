@@ -10,8 +10,9 @@ affine equal the input's) -> threshold.
 **Prompts.** A Hermes model reads the requested task list as context (the paper always prompts
 with one dataset's full task list), so tasks are grouped by the dataset that trained them and
 each group is prompted with that dataset's full task list; only the requested channels are
-computed at full resolution (``output_tasks``). A model built with ``task_conditioned_features: false`` gives identical logits for any
-subset, so all tasks then run in one pass.
+computed at full resolution (``output_tasks``). A model built with
+``task_conditioned_features: false`` gives identical logits for any subset, so all tasks then
+run in one pass.
 
 **Memory.** One group at a time: float16 stitching (sliding_window.py), then one task at a
 time restored to the original grid and folded into a running "most probable task" label map,

@@ -245,9 +245,9 @@ def save_model(directory: str | Path, model: nn.Module, spec: dict[str, Any]) ->
     if build_spec is None:
         raise ModelError("save_model: this model was not made by build_model (no build_spec)")
     directory = Path(directory)
-    # safetensors refuses tensors that share storage (MONAI DynUNet's deep-supervision heads
-    # alias its decoder's output layers), so such entries are written as separate copies; loading
-    # fills both names with equal values, which restores the aliasing's effect.
+    # safetensors refuses tensors that share storage (MONAI DynUNet registers its encoder blocks
+    # twice: under input_block/downsamples and under skip_layers), so the second name gets a copy;
+    # loading fills both names with equal values, which is what the aliasing held.
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
