@@ -56,17 +56,6 @@ def write_train_config(out: Path, overrides: dict[str, Any] | None = None) -> Pa
     return path
 
 
-def describe_cohort(folders: Sequence[Path]) -> str:
-    """What was generated: one row per dataset (modality, cases, grid, orientation, label set)."""
-    from hermes.synthetic.cli import text_table
-    from hermes.synthetic.cohort import summarize
-
-    rows = [summarize(Path(folder)) for folder in folders]
-    cases = sum(int(r["train"]) + int(r["test"]) for r in rows)  # type: ignore[call-overload]
-    modalities = sorted({str(r["modality"]) for r in rows})
-    return f"{text_table(rows)}\n{len(rows)} datasets, {cases} cases, modalities {', '.join(modalities)}"
-
-
 def run_demo(
     out: str | Path,
     *,
@@ -84,6 +73,7 @@ def run_demo(
     from hermes.data.catalog import load_catalog
     from hermes.evaluation.evaluate import evaluate_model, format_table, write_outputs
     from hermes.synthetic import generate_cohort
+    from hermes.synthetic.cli import describe_cohort
     from hermes.training.checkpoint import checkpoint_path
     from hermes.training.trainer import train
 
@@ -105,7 +95,7 @@ def run_demo(
     )
     catalog_path = write_catalog(folders, out)
     done("cohort")
-    print(describe_cohort(folders), flush=True)
+    print(describe_cohort(folders), flush=True)  # what was generated
 
     stage("prepare")
     prepare_cache(load_catalog(catalog_path), out / "cache", progress=progress)

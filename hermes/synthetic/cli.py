@@ -33,8 +33,19 @@ def text_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def describe_cohort(folders: list[Path]) -> str:
+    """What was generated: one row per dataset (modality, cases, grid, orientation, label set)
+    and a total line; printed by ``hermes cohort`` and ``hermes demo``."""
+    from hermes.synthetic.cohort import summarize
+
+    rows = [summarize(Path(folder)) for folder in folders]
+    cases = sum(int(str(r["train"])) + int(str(r["test"])) for r in rows)
+    modalities = sorted({str(r["modality"]) for r in rows})
+    return f"{text_table(rows)}\n\n{len(rows)} datasets, {cases} cases, modalities {', '.join(modalities)}"
+
+
 def run(args: argparse.Namespace) -> int:
-    from hermes.synthetic.cohort import generate_cohort, summarize
+    from hermes.synthetic.cohort import generate_cohort
     from hermes.synthetic.datasets import select_datasets
 
     if args.scale <= 0:
@@ -75,9 +86,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     elapsed = time.perf_counter() - start
-    print(text_table([summarize(folder) for folder in folders]))
-    n_cases = sum(len(list((f / "imagesTr").iterdir())) + len(list((f / "imagesTs").iterdir())) for f in folders)
-    print(f"\n{len(folders)} datasets, {n_cases} cases in {args.out} ({elapsed:.1f} s, seed {args.seed}, scale {args.scale:g})")
+    print(describe_cohort(folders))
+    print(f"written to {args.out} ({elapsed:.1f} s, seed {args.seed}, scale {args.scale:g})")
     if args.preview:
         print(f"previews: {args.out / 'previews'}")
     return 0
