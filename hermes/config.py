@@ -97,6 +97,9 @@ class ModelConfig(Strict):
     multiscale_prototypes: bool = True  # ablation: False uses only the last stage's posteriors
     prototype_dim: int | None = None  # None: the final decoder width
     attention_head_dim: int = 32  # paper: dim_head 32, heads = width / 32
+    # "dot": the paper's bare prototype . feature logit; "affine": plus a learned scale and bias
+    # per task (hermes/models/heads.py TaskLogitCalibration).
+    prototype_logit: Literal["dot", "affine"] = "affine"
     # Hermes: the image features read the selected task tokens, so the requested task list is
     # context (query a dataset's full task list, as the paper's oracle does). False: features
     # read only the modality tokens; each task's mask is then independent of the other
@@ -151,6 +154,11 @@ class DataConfig(Strict):
     # 1: uniform over cases). Explicit `dataset_weights` override per dataset name.
     sampling_power: float = 0.5
     dataset_weights: dict[str, float] | None = None
+    # Share of samples drawn task-first: a task uniformly over all tasks of the training
+    # datasets, a case containing it, a patch centred on one of its voxels (rare tasks such as
+    # small tumours then get 1/n_tasks of these patches). The rest are drawn dataset-first
+    # (dataset by the weights above, case uniform, `foreground_fraction`). 0: dataset-first only.
+    task_balance: float = 0.0
     num_workers: int = 2
     # Cases held out from each dataset's training split for validation during training.
     val_fraction: float = 0.1
@@ -182,11 +190,19 @@ class OptimConfig(Strict):
     schedule: Literal["poly", "cosine", "constant"] = "poly"
     poly_power: float = 0.9
     min_lr_ratio: float = 0.0
+    # "split": biases, normalisation parameters, prior tokens and logit calibrations get no
+    # weight decay and no LAMB trust ratio (zero-initialised tensors cannot move under a
+    # ||w||/||update|| ratio); "single": one group for everything (the paper's recipe).
+    param_groups: Literal["split", "single"] = "split"
 
 
 class LossConfig(Strict):
     bce_weight: float = 1.0
     dice_weight: float = 1.0
+    # "sample": mean over each sample's own tasks, then over samples (every sample weighs the
+    # same); "pair": the paper's mean over all (sample, task) pairs of the batch, which favours
+    # datasets with many tasks. See hermes/training/loss.py.
+    reduction: Literal["sample", "pair"] = "sample"
     modality_weight: float = 0.01  # paper: 0.01; ignored for the unknown modality
     deep_supervision_weights: list[float] | None = None  # None: halve per level
 
@@ -239,6 +255,13 @@ class TrainConfig(Strict):
     channels_last: bool | Literal["auto"] = "auto"
     deterministic: bool = False
     ema_decay: float = 0.99
+    # Cap of the EMA's averaging window (1 / (1 - decay) steps) as a fraction of the planned run,
+    # so that a short run's EMA is not dominated by its first, poor weights (200 steps at decay
+    # 0.99 average over half the run). None: the fixed `ema_decay` (the paper's).
+    ema_window_fraction: float | None = Field(default=0.1, gt=0.0, le=1.0)
+    # Weights saved as the model: "ema", "raw" (the optimiser's), or "best": both are validated
+    # at the end and the higher validation Dice wins (EMA without validation cases).
+    final_weights: Literal["ema", "raw", "best"] = "best"
     checkpoint_every: int = 200
     log_every: int = 10
     model: ModelConfig = Field(default_factory=ModelConfig)

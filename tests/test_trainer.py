@@ -67,9 +67,31 @@ def test_short_run_writes_a_loadable_model_dir_and_logs(small_cache, tmp_path) -
     assert set(spec["preprocessing"]["datasets"]) == {d["name"] for d in spec["datasets"]}
     assert spec["preprocessing"]["modalities"]["CT"]["modality"] == "CT"
     ckpt = load_checkpoint(checkpoint_path(out))
-    # the saved weights are the EMA's
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["ema"].items())
+    # final_weights "best": both candidates were validated and the saved weights are the winner's
+    chosen = spec["training"]["final_weights"]
+    scores = spec["training"]["validation_dice_by_weights"]
+    assert set(scores) == {"ema", "raw"}
+    means = {name: sum(d.values()) / len(d) for name, d in scores.items()}
+    assert chosen == ("raw" if means["raw"] > means["ema"] else "ema")
+    saved = ckpt["ema"] if chosen == "ema" else ckpt["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert set(result.val_dice) == set(spec["training"]["validation_dice"])
+
+
+@pytest.mark.parametrize("final_weights", ["ema", "raw"])
+def test_final_weights_option_saves_the_named_weights(small_cache, tmp_path, final_weights) -> None:
+    from hermes.models.registry import load_model
+
+    out = tmp_path / final_weights
+    cfg = _config(small_cache, out, steps=2, data=NO_VALIDATION, final_weights=final_weights)
+    result = train(cfg, progress=False)
+    model, spec = load_model(result.model_dir)
+    ckpt = load_checkpoint(checkpoint_path(out))
+    assert spec["training"]["final_weights"] == final_weights
+    saved = ckpt["ema"] if final_weights == "ema" else ckpt["model"]
+    other = ckpt["model"] if final_weights == "ema" else ckpt["ema"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in other.items())
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(small_cache, tmp_path, monkeypatch) -> None:

@@ -142,7 +142,7 @@ def subset_catalog(catalog: Catalog, names: list[str]) -> Catalog:
 
 def prepare(config: AdaptationConfig, device: torch.device | str = "cpu", base: BaseModel | None = None) -> AdaptationSetup:
     """Steps 1-3 of the module docstring."""
-    from hermes.models.registry import build_model
+    from hermes.models.registry import build_model, migrate_model_config
 
     base = base or load_base(config.base_model, device)
     new_catalog = load_catalog(config.catalog)
@@ -161,7 +161,7 @@ def prepare(config: AdaptationConfig, device: torch.device | str = "cpu", base: 
         raise ConfigError(f"{config.catalog}: no dataset to train on (all are test_only)")
 
     spec_model = base.spec["model"]
-    model_config = ModelConfig.model_validate(spec_model["config"])
+    model_config = ModelConfig.model_validate(migrate_model_config(spec_model["config"]))
     own: list[int] | None = None
     if not base.is_universal:
         own = sorted({t for entry in catalog.datasets if entry.name in train_names for t in entry.task_ids})

@@ -31,6 +31,8 @@ from hermes.errors import ConfigError, ModelError
 log = logging.getLogger(__name__)
 
 TASK_POOL_SUFFIX = "task_tokens"
+# Tensors with one row per task id + the null row, grown like the task token pools.
+TASK_ROW_SUFFIXES = (TASK_POOL_SUFFIX, "logit_calibration.log_scale", "logit_calibration.bias")
 MODALITY_POOL_SUFFIX = "modality_tokens"
 MEAN_INIT_JITTER = 0.1
 
@@ -168,13 +170,13 @@ def warm_start_state(
             out[key] = fresh.clone()
             reinitialised.append(key)
             continue
-        is_pool = key.endswith((TASK_POOL_SUFFIX, MODALITY_POOL_SUFFIX))
+        is_pool = key.endswith((*TASK_ROW_SUFFIXES, MODALITY_POOL_SUFFIX))
         if is_pool and old.shape[1:] != fresh.shape[1:]:
             raise ModelError(
                 f"prior pool {key!r} has token shape {tuple(old.shape[1:])} in the base model and "
                 f"{tuple(fresh.shape[1:])} in the new one: different architecture"
             )
-        if key.endswith(TASK_POOL_SUFFIX) and old.shape[0] == plan.old_num_tasks + 1:
+        if key.endswith(TASK_ROW_SUFFIXES) and old.shape[0] == plan.old_num_tasks + 1:
             out[key] = _grow_pool(old, fresh, plan.old_num_tasks, plan.new_num_tasks, plan.task_rows)
         elif key.endswith(MODALITY_POOL_SUFFIX) and old.shape[0] == plan.old_num_modalities + 1:
             out[key] = _grow_pool(

@@ -143,13 +143,46 @@ class PatchSampler:
             raise DataError(f"training datasets have different channel counts ({detail}); a model takes one input size")
         if not 0.0 <= config.foreground_fraction <= 1.0:
             raise ConfigError(f"data.foreground_fraction must be in [0, 1], got {config.foreground_fraction}")
+        if not 0.0 <= config.task_balance <= 1.0:
+            raise ConfigError(f"data.task_balance must be in [0, 1], got {config.task_balance}")
         self._open: dict[tuple[str, str], CachedCase] = {}
+        self._task_pool: list[tuple[str, int, list[str]]] | None = None
 
     def case(self, dataset: str, case_id: str) -> CachedCase:
         key = (dataset, case_id)
         if key not in self._open:  # memory maps are cheap; keep them per process
             self._open[key] = load_cached_case(self.cache_dir, dataset, case_id)
         return self._open[key]
+
+    def task_pool(self) -> list[tuple[str, int, list[str]]]:
+        """(dataset, channel, cases where that task's foreground is present) for every task of
+        the sampled datasets that has any foreground: the population of task-first sampling.
+        Built on first use from the cached ``labels_present`` (per process, like the memory maps)."""
+        if self._task_pool is None:
+            pool = []
+            for name in self.names:
+                entry = self.entries[name]
+                presence = {case_id: self.case(name, case_id).meta.get("labels_present") or {}
+                            for case_id in self.cases[name]}
+                for channel, values in enumerate(entry.label_values):
+                    ids = [c for c, present in presence.items() if any(str(v) in present for v in values)]
+                    if ids:
+                        pool.append((name, channel, ids))
+            self._task_pool = pool
+        return self._task_pool
+
+    def task_first(self, rng: np.random.Generator) -> tuple[str, str, np.ndarray | None]:
+        """Task-balanced draw: a task uniformly over all tasks, a case containing it, and a
+        voxel of it (None when the case's stored foreground sample has none of its voxels)."""
+        pool = self.task_pool()
+        dataset, channel, ids = pool[int(rng.integers(len(pool)))]
+        case_id = ids[int(rng.integers(len(ids)))]
+        foreground = self.case(dataset, case_id).foreground()
+        values = [v for v in self.entries[dataset].label_values[channel] if len(foreground.get(v, ()))]
+        if not values:
+            return dataset, case_id, None
+        coords = foreground[values[int(rng.integers(len(values)))]]
+        return dataset, case_id, coords[int(rng.integers(len(coords)))].astype(np.float64)
 
     def choose_center(self, rng: np.random.Generator, case: CachedCase, entry: DatasetEntry) -> np.ndarray:
         """Foreground-oversampled centre: a voxel of a random present class, or anywhere."""
@@ -166,14 +199,19 @@ class PatchSampler:
         return random_center(rng, shape, self.config.patch_size)
 
     def sample(self, rng: np.random.Generator) -> dict[str, Any]:
-        dataset = self.names[int(rng.choice(len(self.names), p=self.p))]
-        ids = self.cases[dataset]
-        case_id = ids[int(rng.integers(len(ids)))]
+        center: np.ndarray | None = None
+        if self.config.task_balance > 0 and rng.random() < self.config.task_balance and self.task_pool():
+            dataset, case_id, center = self.task_first(rng)
+        else:
+            dataset = self.names[int(rng.choice(len(self.names), p=self.p))]
+            ids = self.cases[dataset]
+            case_id = ids[int(rng.integers(len(ids)))]
         entry = self.entries[dataset]
         case = self.case(dataset, case_id)
         if case.label is None:
             raise DataError(f"{case.path}: training case without label.npy; re-run `hermes prepare`")
-        center = self.choose_center(rng, case, entry)
+        if center is None:
+            center = self.choose_center(rng, case, entry)
         image, label = augment_patch(
             rng,
             self.config.augment,

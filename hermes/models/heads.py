@@ -49,6 +49,29 @@ class PrototypeHead(nn.Module):
         return logits.float().unflatten(2, features.shape[2:])
 
 
+class TaskLogitCalibration(nn.Module):
+    """``logit = scale_t * (prototype_t . feature) + bias_t``: a learned scalar temperature and
+    bias per task (``model.prototype_logit: affine``).
+
+    The bare dot product has no offset, so a task's background level must come from its
+    prototype's direction alone, and all tasks share one logit scale. The bias lets a small
+    structure's background sit far below 0 independently of its shape features. Initialised
+    to the identity (scale 1, bias 0), so a new model starts exactly as the paper's.
+    Parameters are per task id; the last row serves the null (padded) slots.
+    """
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(num_tasks + 1))
+        self.bias = nn.Parameter(torch.zeros(num_tasks + 1))
+
+    def forward(self, logits: Tensor, task_ids: Tensor) -> Tensor:
+        """logits (B, T, *S) float32, task_ids (B, T) -> calibrated logits (B, T, *S)."""
+        shape = (*task_ids.shape, *([1] * (logits.ndim - 2)))
+        scale = self.log_scale.float().exp()[task_ids].view(shape)
+        return logits * scale + self.bias.float()[task_ids].view(shape)
+
+
 class ModalityHead(nn.Module):
     """Concat(modality posteriors) -> LN -> mean over tokens -> MLP(in, in, M) logits."""
 

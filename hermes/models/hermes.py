@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from hermes.models.heads import ModalityHead, PrototypeHead
+from hermes.models.heads import ModalityHead, PrototypeHead, TaskLogitCalibration
 from hermes.models.priors import ContextPriors, PriorTokens, check_ids, task_validity
 
 
@@ -54,6 +54,7 @@ class HermesModel(nn.Module):
         feature_projection: nn.Module | None = None,
         deep_supervision_heads: dict[str, PrototypeHead] | None = None,
         task_conditioned_features: bool = True,
+        logit_calibration: TaskLogitCalibration | None = None,
     ) -> None:
         super().__init__()
         self.priors = priors
@@ -64,6 +65,7 @@ class HermesModel(nn.Module):
         self.feature_projection = feature_projection
         self.deep_supervision_heads = nn.ModuleDict(deep_supervision_heads or {})
         self.task_conditioned_features = task_conditioned_features
+        self.logit_calibration = logit_calibration
 
     @property
     def num_tasks(self) -> int:
@@ -97,15 +99,23 @@ class HermesModel(nn.Module):
         num_tasks = task_ids.shape[1]
         out = self.backbone(image, self._select_priors(task_ids, valid, modality_id))
         task_tokens = [out.posteriors[stage][:, :num_tasks] for stage in self.prototype_stages]
+        output_ids = task_ids
         if output_tasks is not None:
             if not output_tasks or min(output_tasks) < 0 or max(output_tasks) >= num_tasks:
                 raise ValueError(f"output_tasks {list(output_tasks)} must be positions in a prompt of {num_tasks} tasks")
             index = torch.as_tensor(list(output_tasks), device=image.device)
             task_tokens = [tokens.index_select(1, index) for tokens in task_tokens]
+            output_ids = task_ids.index_select(1, index)
         features = out.features if self.feature_projection is None else self.feature_projection(out.features)
-        logits = self.prototype_head(task_tokens, features)
+        logits = self._calibrate(self.prototype_head(task_tokens, features), output_ids)
         modality_logits = None
         if self.modality_head is not None:
             modality_logits = self.modality_head([post[:, num_tasks:] for post in out.posteriors.values()])
-        deep = [head(task_tokens, out.decoder[name]) for name, head in self.deep_supervision_heads.items()]
+        deep = [
+            self._calibrate(head(task_tokens, out.decoder[name]), output_ids)
+            for name, head in self.deep_supervision_heads.items()
+        ]
         return SegmentationOutput(logits, modality_logits, deep)
+
+    def _calibrate(self, logits: Tensor, task_ids: Tensor) -> Tensor:
+        return logits if self.logit_calibration is None else self.logit_calibration(logits, task_ids)

@@ -27,7 +27,7 @@ from hermes.errors import ConfigError, ModelError
 from hermes.fileio import atomic_write_bytes, atomic_write_json
 from hermes.models.backbone import DEEP_SUPERVISION_LEVELS, ordered_stages, stage_widths
 from hermes.models.baselines import BackboneWithHead, MonaiAdapter, TraditionalModel, dynunet_kernels_strides
-from hermes.models.heads import ModalityHead, PrototypeHead
+from hermes.models.heads import ModalityHead, PrototypeHead, TaskLogitCalibration
 from hermes.models.hermes import HermesModel
 from hermes.models.medformer import MedFormer
 from hermes.models.priors import ContextPriors
@@ -146,6 +146,7 @@ def _build_hermes(config: ModelConfig, num_tasks: int, num_modalities: int) -> H
         feature_projection=projection,
         deep_supervision_heads=deep,
         task_conditioned_features=config.task_conditioned_features,
+        logit_calibration=TaskLogitCalibration(num_tasks) if config.prototype_logit == "affine" else None,
     )
 
 
@@ -280,13 +281,21 @@ def read_spec(directory: str | Path) -> dict[str, Any]:
     return spec
 
 
+def migrate_model_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved model config in today's schema: keys added since are filled with the value that
+    reproduces the saved network (a model saved before ``prototype_logit`` existed used "dot")."""
+    migrated = dict(saved)
+    migrated.setdefault("prototype_logit", "dot")
+    return migrated
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from ``spec.json`` and load its weights (eval mode)."""
     directory = Path(directory)
     spec = read_spec(directory)
     entry = spec["model"]
     try:
-        config = ModelConfig.model_validate(entry["config"])
+        config = ModelConfig.model_validate(migrate_model_config(entry["config"]))
     except ValidationError as error:
         raise ModelError(f"{directory / SPEC_FILE}: invalid model config: {error}") from None
     model = build_model(

@@ -38,6 +38,12 @@ class ModelEMA:
         for p in self.module.parameters():
             p.requires_grad_(False)
 
+    def cap_window(self, total_steps: int, fraction: float | None) -> None:
+        """Limit the averaging window ``1 / (1 - decay)`` to ``fraction`` of a ``total_steps`` run."""
+        if fraction is not None:
+            window = max(2.0, fraction * total_steps)
+            self.decay = min(self.decay, 1.0 - 1.0 / window)
+
     def decay_at(self, step: int) -> float:
         return min(1.0 - 1.0 / (step + 1), self.decay)
 

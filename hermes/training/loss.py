@@ -9,11 +9,21 @@ Notation, for one valid (sample b, task t) pair with logits ``x``, probabilities
 ``p = sigmoid(x)``, binary target ``g`` and optional voxel weights ``w >= 0`` (all ones when no
 weight map is given), sums over the voxels ``v`` of the patch:
 
-* **BCE**: ``bce[b,t] = sum_v w_v * BCE(x_v, g_v) / sum_v w_v``, then the mean over the valid
-  pairs (those with ``task_mask`` True and a non-zero weight sum).
+* **BCE**: ``bce[b,t] = sum_v w_v * BCE(x_v, g_v) / sum_v w_v`` over the valid pairs (those
+  with ``task_mask`` True and a non-zero weight sum).
 * **Soft Dice**: ``dice[b,t] = 1 - (2 * sum_v w p g + s) / (sum_v w p + sum_v w g + s)`` with a
-  tiny smoothing ``s`` (1e-5, nnU-Net's) that only guards the division; then the mean over the
-  valid pairs **whose target is non-empty in the crop** (``sum_v w g > 0``).
+  tiny smoothing ``s`` (1e-5, nnU-Net's) that only guards the division, over the valid pairs
+  **whose target is non-empty in the crop** (``sum_v w g > 0``).
+
+Reduction over the batch (``reduction``):
+
+* ``"sample"`` (default): the mean over each sample's own contributing tasks, then the mean over
+  the samples that have any. Every sample weighs the same whatever its dataset's task count, so
+  a dataset's share of the gradient follows its share of the batches. Measured on realmini
+  (HeadNeckCT, 7 tasks + HippocampusMR, 2 tasks; docs/benchmarks.md): with ``"pair"`` the CT
+  dataset with many tasks suppressed the MR one (hippocampus test Dice 0.06).
+* ``"pair"``: the paper's / reference code's mean over every contributing (sample, task) pair of
+  the batch, so a dataset with 7 tasks weighs 3.5x a dataset with 2 in every mixed batch.
 
 Empty targets. A task absent from the crop (a small organ outside a 64^3 patch, a scan without
 a lesion) is common in partially-labelled data. With a smoothed per-sample Dice such a channel
@@ -31,7 +41,7 @@ All arithmetic is done in float32, whatever the autocast dtype of the logits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +56,30 @@ def _sum_spatial(x: Tensor) -> Tensor:
     return x.flatten(2).sum(-1)
 
 
+Reduction = Literal["sample", "pair"]
+
+
+def _reduce(values: Tensor, contributing: Tensor, reduction: Reduction) -> Tensor:
+    """Mean of ``values[b, t]`` over the contributing pairs, per ``reduction`` (module docstring).
+
+    Non-contributing pairs are selected out (not multiplied by 0) so that they add exactly
+    nothing, and an empty set gives 0 (graph-connected, so DDP still sees every parameter used).
+    """
+    selected = torch.where(contributing, values, 0.0)
+    if reduction == "pair":
+        return selected.sum() / contributing.sum().clamp_min(1)
+    per_sample_count = contributing.sum(dim=1)
+    per_sample = selected.sum(dim=1) / per_sample_count.clamp_min(1)
+    has_any = per_sample_count > 0
+    return torch.where(has_any, per_sample, 0.0).sum() / has_any.sum().clamp_min(1)
+
+
 def partial_label_terms(
     logits: Tensor,
     target: Tensor,
     task_mask: Tensor,
     voxel_weight: Tensor | None = None,
+    reduction: Reduction = "sample",
 ) -> tuple[Tensor, Tensor]:
     """Return the (BCE, Dice) scalars of the partial-label loss (see the module docstring).
 
@@ -86,13 +115,8 @@ def partial_label_terms(
         ref = _sum_spatial(w * g)
     dice_bt = 1.0 - (2.0 * inter + DICE_SMOOTH) / (pred + ref + DICE_SMOOTH)
 
-    # Padded / weightless slots are selected out (not multiplied by 0) so that they add exactly
-    # nothing; the division is by the number of contributing pairs, and an empty set gives 0
-    # (graph-connected, so DDP still sees every parameter used).
     present = valid & (ref > 0)
-    bce = torch.where(valid, bce_bt, 0.0).sum() / valid.sum().clamp_min(1)
-    dice = torch.where(present, dice_bt, 0.0).sum() / present.sum().clamp_min(1)
-    return bce, dice
+    return _reduce(bce_bt, valid, reduction), _reduce(dice_bt, present, reduction)
 
 
 class PartialLabelLoss:
@@ -102,14 +126,15 @@ class PartialLabelLoss:
     MedContext expects of the supervised loss.
     """
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, reduction: Reduction = "sample") -> None:
         self.bce_weight = bce_weight
         self.dice_weight = dice_weight
+        self.reduction = reduction
 
     def terms(
         self, logits: Tensor, target: Tensor, task_mask: Tensor, voxel_weight: Tensor | None = None
     ) -> dict[str, Tensor]:
-        bce, dice = partial_label_terms(logits, target, task_mask, voxel_weight)
+        bce, dice = partial_label_terms(logits, target, task_mask, voxel_weight, self.reduction)
         return {"bce": bce, "dice": dice, "seg": self.bce_weight * bce + self.dice_weight * dice}
 
     def __call__(
@@ -177,7 +202,7 @@ class HermesLoss:
 
     def __init__(self, config: LossConfig) -> None:
         self.config = config
-        self.segmentation = PartialLabelLoss(config.bce_weight, config.dice_weight)
+        self.segmentation = PartialLabelLoss(config.bce_weight, config.dice_weight, config.reduction)
 
     def __call__(
         self, output: _Output, batch: dict[str, Any], voxel_weight: Tensor | None = None

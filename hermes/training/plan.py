@@ -35,7 +35,8 @@ class RunData:
     cache: CacheIndex
     train_cases: dict[str, list[str]]
     val_cases: dict[str, list[str]]
-    task_ids_of_model: list[int] | None  # traditional: the dataset's own tasks
+    # Output tasks of a non-Hermes network: traditional, its dataset's tasks; universal, all.
+    task_ids_of_model: list[int] | None
 
 
 def check_output(output: Path, resume: bool) -> None:
@@ -83,6 +84,11 @@ def load_data(config: TrainConfig) -> RunData:
         train = {entry.name: train[entry.name]}
         val = {entry.name: val[entry.name]} if entry.name in val else {}
         task_ids_of_model = list(entry.task_ids)
+    elif not config.model.architecture.startswith("hermes_"):
+        # A universal model without priors (MultiTalent / CLIP-universal style): the same
+        # backbone with one sigmoid output per task of the training datasets, trained with the
+        # same partial-label loss and batches; separates "universal training" from "priors".
+        task_ids_of_model = sorted({t for entry in catalog.datasets if entry.name in train for t in entry.task_ids})
     if not train:
         raise DataError(f"no training cases: the cache {config.cache} has none for the catalog's datasets")
     return RunData(catalog, cache, train, val, task_ids_of_model)

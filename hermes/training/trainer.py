@@ -204,6 +204,27 @@ def _validator(config: TrainConfig, data: RunData, ctx: DistContext, amp: AmpSet
     )
 
 
+def choose_final_weights(
+    config: TrainConfig, model: nn.Module, ema: ModelEMA, validator: Validator, ema_dice: dict[str, float]
+) -> tuple[nn.Module, str, dict[str, dict[str, float]]]:
+    """The module to save, its name ("ema" or "raw") and the validation Dice of each candidate.
+
+    ``final_weights: best`` validates the raw weights once more (the EMA was validated at the
+    last step) and keeps the higher mean; ties go to the EMA. Measured at short CPU budgets the
+    raw weights often win (the EMA still carries early weights); at long budgets the EMA does.
+    """
+    raw = unwrap(model)
+    if config.final_weights == "raw":
+        return raw, "raw", {}
+    if config.final_weights == "ema" or not validator.enabled:
+        return ema.module, "ema", {"ema": ema_dice} if ema_dice else {}
+    scores = {"ema": ema_dice or validator(ema.module), "raw": validator(raw)}
+    ema_mean, raw_mean = mean_dice(scores["ema"]), mean_dice(scores["raw"])
+    if math.isfinite(raw_mean) and (not math.isfinite(ema_mean) or raw_mean > ema_mean):
+        return raw, "raw", scores
+    return ema.module, "ema", scores
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +272,8 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
             restore_rng_state(state["rng"])
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     set_schedule_position(scheduler, start)
+    if not (config.medcontext.enabled and config.medcontext.reuse_validation_ema):
+        ema.cap_window(total_steps, config.ema_window_fraction)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(config))
@@ -319,8 +342,16 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
 
     model_dir = out / MODEL_DIR
     if ctx.is_main:
-        spec = model_spec(config, data, step, amp, val_dice)
-        save_model(model_dir, ema.module, spec)
+        final, chosen, scores = choose_final_weights(config, model, ema, validator, val_dice)
+        spec = model_spec(config, data, step, amp, scores[chosen] if chosen in scores else val_dice)
+        spec["training"]["final_weights"] = chosen
+        spec["training"]["validation_dice_by_weights"] = {
+            name: {k: (None if math.isnan(v) else v) for k, v in dice.items()} for name, dice in scores.items()
+        }
+        if scores:
+            log.info("final weights: %s (validation Dice %s)", chosen,
+                     ", ".join(f"{name} {mean_dice(d):.4f}" for name, d in scores.items()))
+        save_model(model_dir, final, spec)
         atomic_write_text(model_dir / "catalog.yaml", data.catalog.to_yaml())
     ctx.barrier()
     return TrainResult(out, model_dir, step, val_dice, losses)
