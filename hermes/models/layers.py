@@ -28,6 +28,9 @@ def make_norm(name: NormName, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {name!r}")
 
 
+TINY_MAP = 4  # voxels per axis below which PreActConv computes in float32 on CPU
+
+
 class MaxPool(nn.MaxPool3d):
     """Max-pooling in the input's dtype: CPU autocast's fp32 policy for ``max_pool3d`` would only
     add two full-size copies (a max is exact in bf16)."""
@@ -75,7 +78,15 @@ class PreActConv(nn.Module):
         self.conv = conv(in_ch, out_ch, kernel, padding=same_padding(kernel), groups=groups, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(self.act(self.norm(x)))
+        h = self.act(self.norm(x))
+        if h.device.type == "cpu" and min(h.shape[2:]) < TINY_MAP and torch.is_autocast_enabled("cpu"):
+            # Maps under 4 voxels per axis (a 32^3 patch's bottleneck is 2^3) are convolved in
+            # float32: there the CPU bf16 conv (torch 2.13, oneDNN) intermittently returned
+            # weight gradients of ~1e38 (inf norm) in ~1 of 5 steps of a 32^3 tiny model, and
+            # those optimiser steps were skipped. At these sizes float32 costs nothing.
+            with torch.autocast("cpu", enabled=False):
+                return self.conv(h.float())
+        return self.conv(h)
 
 
 class BasicBlock(nn.Module):
