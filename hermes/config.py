@@ -158,7 +158,7 @@ class DataConfig(Strict):
     # datasets, a case containing it, a patch centred on one of its voxels (rare tasks such as
     # small tumours then get 1/n_tasks of these patches). The rest are drawn dataset-first
     # (dataset by the weights above, case uniform, `foreground_fraction`). 0: dataset-first only.
-    task_balance: float = 0.0
+    task_balance: float = Field(default=0.0, ge=0.0, le=1.0)
     num_workers: int = 2
     # Cases held out from each dataset's training split for validation during training.
     val_fraction: float = 0.1

@@ -143,8 +143,6 @@ class PatchSampler:
             raise DataError(f"training datasets have different channel counts ({detail}); a model takes one input size")
         if not 0.0 <= config.foreground_fraction <= 1.0:
             raise ConfigError(f"data.foreground_fraction must be in [0, 1], got {config.foreground_fraction}")
-        if not 0.0 <= config.task_balance <= 1.0:
-            raise ConfigError(f"data.task_balance must be in [0, 1], got {config.task_balance}")
         self._open: dict[tuple[str, str], CachedCase] = {}
         self._task_pool: list[tuple[str, int, list[str]]] | None = None
 
