@@ -196,3 +196,201 @@ def test_catalog_show_realmini_headneck(realmini_root: Path, tmp_path: Path, cap
     assert counts["HeadNeckCT/Brainstem"] == "8/40" and counts["HeadNeckCT/Larynx"] == "8/40"
     assert counts["HeadNeckCT/RightParotid"] == "0/40"
     assert "HeadNeckCT/Esophagus: absent in 18/40 cases: consider `absent_means: {Esophagus: unannotated}`" in shown
+
+
+# --------------------------------------------------------------------------------------------
+# 2. cache, sampler, loss, validation
+# --------------------------------------------------------------------------------------------
+def prepared(tmp_path: Path, dataset: dict | None = None, n_test: int = 0) -> tuple[Path, Path, Path]:
+    """(dataset folder, catalog.yaml, cache) of the tiny dataset, prepared."""
+    from hermes.data.cache import prepare_cache
+
+    folder = make_dataset(tmp_path, n_test=n_test)
+    spec = {"datasets": [{"path": str(folder), **(dataset or {})}], "preprocessing": {"workers": 1}}
+    path = write_catalog(tmp_path / "c.yaml", spec)
+    prepare_cache(load_catalog(path), tmp_path / "cache", progress=False)
+    return folder, path, tmp_path / "cache"
+
+
+def meta(cache: Path, case: str) -> dict:
+    return json.loads((cache / "Partial" / case / "meta.json").read_text())
+
+
+def sampler_of(cache: Path, cases: list[str], foreground_fraction: float = 0.5):
+    from hermes.config import DataConfig
+    from hermes.data.cache import open_cache
+    from hermes.data.sampling import PatchSampler
+
+    config = DataConfig(
+        patch_size=[8, 8, 8], batch_size=len(cases), foreground_fraction=foreground_fraction, num_workers=0,
+        augment={"enabled": False},
+    )
+    return PatchSampler(open_cache(cache).catalog, str(cache), config, {"Partial": cases}, seed=0)
+
+
+def test_cache_records_annotation_and_refreshes_it(tmp_path: Path) -> None:
+    from hermes.data.cache import prepare_cache
+
+    folder, path, cache = prepared(tmp_path, {"absent_means": {"organ": "unannotated"}})
+    assert meta(cache, "case1")["annotated_labels"] == [2]
+    assert meta(cache, "case1")["annotated_tasks"] == ["Partial/lesion"]
+    assert meta(cache, "case1")["annotation_source"] == "rule"
+    assert meta(cache, "case2")["annotated_labels"] == [1, 2]  # absent lesion: background
+    # A changed rule or a new sidecar rewrites meta.json only: nothing is preprocessed again.
+    (folder / "labelsTr" / "case0.json").write_text('["lesion"]')
+    write_catalog(path, {"datasets": [{"path": str(folder)}], "preprocessing": {"workers": 1}})
+    image_before = (cache / "Partial" / "case0" / "image.npy").stat().st_mtime_ns
+    report = prepare_cache(load_catalog(path), cache, progress=False)
+    assert report.processed == 0 and report.reused == 4
+    assert meta(cache, "case1")["annotated_labels"] == [1, 2]
+    assert meta(cache, "case0")["annotated_labels"] == [2]
+    assert meta(cache, "case0")["annotation_source"].startswith("sidecar ")
+    assert (cache / "Partial" / "case0" / "image.npy").stat().st_mtime_ns == image_before
+    # A broken sidecar is a bad case naming the file.
+    (folder / "labelsTr" / "case0.json").write_text('["kidney"]')
+    with pytest.raises(DataError, match=r"case0\.json: annotated: 'kidney'"):
+        prepare_cache(load_catalog(path), cache, progress=False)
+
+
+def test_sampler_masks_unannotated_tasks_and_old_caches_load(tmp_path: Path) -> None:
+    _, _, cache = prepared(tmp_path, {"absent_means": {"organ": "unannotated"}})
+    sampler = sampler_of(cache, ["case0", "case1"])
+    batch = sampler.batch(0)
+    expected = {"case0": [True, True], "case1": [False, True]}
+    for b, case in enumerate(batch["case_id"]):
+        assert batch["task_mask"][b].tolist() == [True, True]  # the prompt keeps every task
+        assert batch["loss_mask"][b].tolist() == expected[case]
+    # An old cache (meta.json without the field) means "all annotated", as it did.
+    for case in ("case0", "case1"):
+        path = cache / "Partial" / case / "meta.json"
+        old = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("annot")}
+        path.write_text(json.dumps(old))
+    batch = sampler_of(cache, ["case0", "case1"]).batch(0)
+    assert batch["loss_mask"].all()
+
+
+def test_foreground_sampling_never_picks_unannotated_voxels(tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path)
+    (folder / "labelsTr" / "case0.json").write_text('["lesion"]')  # the organ is drawn but not trusted
+    _, _, cache = prepared(tmp_path)
+    sampler = sampler_of(cache, ["case0"], foreground_fraction=1.0)
+    case = sampler.case("Partial", "case0")
+    entry = sampler.entries["Partial"]
+    rng = np.random.default_rng(0)
+
+    def values(annotated: list[bool] | None) -> set[int]:
+        centres = [sampler.choose_center(rng, case, entry, annotated).astype(int) for _ in range(60)]
+        return {int(case.label[tuple(c)]) for c in centres}
+
+    assert values([False, True]) == {2}
+    assert values(None) == {1, 2}
+    assert sampler.sample(rng)["annotated"].tolist() == [False, True]
+
+
+def test_unannotated_pairs_add_no_loss_and_no_gradient(tmp_path: Path) -> None:
+    import torch
+
+    from hermes.config import LossConfig
+    from hermes.training.loss import HermesLoss
+
+    _, _, cache = prepared(tmp_path, {"absent_means": {"organ": "unannotated"}})
+    sampler = sampler_of(cache, ["case0", "case1", "case2"])
+    batch = next(b for b in map(sampler.batch, range(50)) if "case1" in b["case_id"] and "case0" in b["case_id"])
+    assert not bool(batch["loss_mask"].all())
+    loss = HermesLoss(LossConfig(modality_weight=0.0))
+    torch.manual_seed(0)
+    logits = torch.randn(batch["target"].shape, requires_grad=True)
+
+    from types import SimpleNamespace
+
+    Out = SimpleNamespace(logits=logits, modality_logits=None, deep_supervision=[])
+    total = loss(Out, batch)["total"]
+    total.backward()
+    assert logits.grad is not None
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            norm = float(logits.grad[b, t].abs().sum())
+            if batch["loss_mask"][b, t]:
+                assert norm > 0
+            else:
+                assert norm == 0.0  # exactly zero: an unannotated pair is selected out
+    # The loss equals the loss of the same batch without the unannotated pairs (whatever
+    # their logits), i.e. they add nothing.
+    changed = logits.detach().clone()
+    changed[~batch["loss_mask"]] = 50.0
+    Out.logits = changed
+    assert float(loss(Out, batch)["total"]) == pytest.approx(float(total.detach()), abs=1e-6)
+    # Without loss_mask (task_mask only) the same pairs would be trained as background.
+    Out.logits = changed
+    plain = {k: v for k, v in batch.items() if k != "loss_mask"}
+    assert float(loss(Out, plain)["total"]) > float(total.detach()) + 1.0
+
+
+def test_validation_skips_unannotated_tasks(tmp_path: Path) -> None:
+    import torch
+
+    from hermes.config import ValidationConfig
+    from hermes.data.cache import load_cached_case, open_cache
+    from hermes.evaluation.metrics import dice
+    from hermes.training.validation import Validator
+
+    _, _, cache = prepared(tmp_path, {"absent_means": {"lesion": "unannotated"}})
+    catalog = open_cache(cache).catalog
+
+    class Everywhere(torch.nn.Module):  # predicts every task everywhere
+        def forward(self, image, task_ids, modality_id, task_mask):
+            class Out:
+                logits = torch.ones((image.shape[0], task_ids.shape[1], *image.shape[2:]))
+
+            return Out
+
+    validator = Validator(
+        catalog, lambda d, c: load_cached_case(cache, d, c), {"Partial": ["case2"]},
+        ValidationConfig(mode="full"), [8, 8, 8], torch.device("cpu"),
+    )
+    label = np.asarray(load_cached_case(cache, "Partial", "case2").label)
+    organ = dice(np.ones(label.shape, bool), label == 1)
+    assert 0 < organ < 1
+    # The unannotated lesion (whose all-foreground prediction would score 0) is not averaged in.
+    assert validator(Everywhere())["Partial"] == pytest.approx(organ)
+
+
+def test_train_step_with_medcontext_gives_unannotated_tasks_no_gradient(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from hermes.config import LossConfig, MedContextConfig
+    from hermes.training.loss import HermesLoss
+    from hermes.training.medcontext import MedContext
+    from hermes.training.precision import AmpSettings
+    from hermes.training.trainer import train_step
+
+    _, _, cache = prepared(tmp_path, {"absent_means": {"organ": "unannotated"}})
+    batch = sampler_of(cache, ["case1"]).batch(0)  # organ unannotated, lesion annotated
+    assert batch["loss_mask"].tolist() == [[False, True]] and batch["task_mask"].all()
+
+    class PerTask(torch.nn.Module):
+        """Logits = one learnable value per task id: its gradient is that task's loss gradient."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.0]))
+
+        def forward(self, image, task_ids, modality_id, task_mask):
+            logits = self.w[task_ids][..., None, None, None] + 0.0 * image[:, :1]
+            return SimpleNamespace(logits=logits, modality_logits=None, deep_supervision=[])
+
+    model = PerTask()
+    mc = MedContext(MedContextConfig(enabled=True, mask_patch=[4, 4, 4]), model, ["Partial/organ", "Partial/lesion"])
+    with torch.no_grad():
+        mc.teacher.w.add_(1.0)  # a teacher that disagrees: the consistency term has a gradient
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    amp = AmpSettings(dtype=None, use_scaler=False, channels_last=False, device_type="cpu")
+    terms = train_step(
+        model, batch, HermesLoss(LossConfig(modality_weight=0.0)), optimizer, amp, None, None,
+        medcontext=mc, generator=torch.Generator().manual_seed(0), step=5,
+    )
+    assert terms["consistency"] > 0 and terms["masked_supervised"] > 0
+    grad = model.w.grad
+    assert grad is not None and float(grad[0]) == 0.0 and float(grad[1]) != 0.0

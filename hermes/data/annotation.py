@@ -271,3 +271,33 @@ def presence_suggestions(rows: Sequence[TaskPresence]) -> list[str]:
             rules = ", ".join(f"{local}: unannotated" for local in locals_)
             lines.append(f"{dataset}, all of them (under the dataset's entry): absent_means: {{{rules}}}")
     return lines
+
+
+# --------------------------------------------------------------------------------------------
+# The cache (`hermes prepare`): what meta.json records
+# --------------------------------------------------------------------------------------------
+def annotation_spec(entry: DatasetEntry, task_names: Sequence[str], case_id: str, label_path: str | Path) -> dict[str, Any]:
+    """Everything :func:`annotation_meta` needs besides the label values present (a JSON-able
+    job field: it is computed in the parent, where sidecar errors are reported per case)."""
+    case = entry_case_annotation(entry, case_id, label_path)
+    return {
+        "explicit": None if case.explicit is None else list(case.explicit),
+        "source": case.source,
+        "foreground": sorted(v for v in entry.labels.values() if v != 0),
+        "absent_unannotated": list(entry.absent_unannotated),
+        "tasks": [[task_names[t], list(values)] for t, values in zip(entry.task_ids, entry.label_values)],
+    }
+
+
+def annotation_meta(spec: Mapping[str, Any], present: Iterable[int]) -> dict[str, Any]:
+    """The meta.json fields of a labelled case: ``annotated_labels`` (label values: what the
+    sampler, the loss and validation read, valid for any regrouping of the labels into tasks),
+    ``annotated_tasks`` (the catalog's task names at prepare time, for people) and
+    ``annotation_source`` (sidecar, table or rule)."""
+    values = annotated_values(spec["foreground"], present, spec["explicit"], spec["absent_unannotated"])
+    chosen = set(values)
+    return {
+        "annotated_labels": values,
+        "annotated_tasks": [name for name, task_values in spec["tasks"] if set(task_values) <= chosen],
+        "annotation_source": spec["source"],
+    }

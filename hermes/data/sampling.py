@@ -12,7 +12,8 @@ seeded from those three numbers. Hence
 A batch follows the contract of docs/architecture.md: each sample is supervised only on its
 own dataset's tasks (binary target channels built from the stored label values through the
 catalog's label -> task mapping), the task list is padded per batch with the null task id and
-``task_mask`` marks the real slots.
+``task_mask`` marks the real slots. ``loss_mask`` is ``task_mask`` minus the tasks the case is
+not annotated for (hermes/data/annotation.py): those stay in the prompt, out of the loss.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from hermes.config import DataConfig
+from hermes.data.annotation import cached_task_annotation
 from hermes.data.augment import augment_patch
 from hermes.data.cache import CachedCase, CacheIndex, load_cached_case
 from hermes.data.catalog import Catalog, DatasetEntry
@@ -151,12 +153,16 @@ class PatchSampler:
             self._open[key] = load_cached_case(self.cache_dir, dataset, case_id)
         return self._open[key]
 
-    def choose_center(self, rng: np.random.Generator, case: CachedCase, entry: DatasetEntry) -> np.ndarray:
-        """Foreground-oversampled centre: a voxel of a random present class, or anywhere."""
+    def choose_center(
+        self, rng: np.random.Generator, case: CachedCase, entry: DatasetEntry, annotated: Sequence[bool] | None = None
+    ) -> np.ndarray:
+        """Foreground-oversampled centre: a voxel of a random present class of an annotated
+        task (``annotated``: per own task, None = all), or anywhere."""
         shape = case.image.shape[1:]
         force_fg = rng.random() < self.config.foreground_fraction
         if force_fg and case.label is not None:
-            wanted = {v for values in entry.label_values for v in values}
+            keep = list(annotated) if annotated is not None else [True] * len(entry.label_values)
+            wanted = {v for values, ok in zip(entry.label_values, keep) if ok for v in values}
             foreground = case.foreground()
             present = sorted(v for v in foreground if v in wanted and len(foreground[v]))
             if present:
@@ -173,7 +179,8 @@ class PatchSampler:
         case = self.case(dataset, case_id)
         if case.label is None:
             raise DataError(f"{case.path}: training case without label.npy; re-run `hermes prepare`")
-        center = self.choose_center(rng, case, entry)
+        annotated = cached_task_annotation(case.meta, entry)
+        center = self.choose_center(rng, case, entry, annotated)
         image, label = augment_patch(
             rng,
             self.config.augment,
@@ -189,6 +196,7 @@ class PatchSampler:
             "image": image,
             "target": task_targets(label, entry),
             "task_ids": torch.as_tensor(entry.task_ids, dtype=torch.int64),
+            "annotated": torch.as_tensor(annotated, dtype=torch.bool),
             "modality_id": entry.modality_id,
             "dataset_id": self.dataset_ids[dataset],
             "case_id": case_id,
@@ -205,23 +213,30 @@ class PatchSampler:
 
 
 def collate_batch(samples: Sequence[Mapping[str, Any]], null_task_id: int) -> dict[str, Any]:
-    """Stack samples, padding each task list to the batch maximum with the null task."""
+    """Stack samples, padding each task list to the batch maximum with the null task.
+
+    ``loss_mask`` = ``task_mask`` and the sample's ``annotated`` flags (all True if absent).
+    The model's prompt reads ``task_mask`` (an unannotated task is still context); the loss
+    reads ``loss_mask`` (it gets no loss and no gradient, like a padded slot)."""
     n_tasks = max(len(s["task_ids"]) for s in samples)
     patch = tuple(samples[0]["image"].shape[1:])
     batch = len(samples)
     target = torch.zeros((batch, n_tasks, *patch), dtype=torch.float32)
     task_ids = torch.full((batch, n_tasks), int(null_task_id), dtype=torch.int64)
     task_mask = torch.zeros((batch, n_tasks), dtype=torch.bool)
+    loss_mask = torch.zeros((batch, n_tasks), dtype=torch.bool)
     for b, sample in enumerate(samples):
         k = len(sample["task_ids"])
         target[b, :k] = sample["target"]
         task_ids[b, :k] = sample["task_ids"]
         task_mask[b, :k] = True
+        loss_mask[b, :k] = torch.as_tensor(sample["annotated"], dtype=torch.bool) if "annotated" in sample else True
     return {
         "image": torch.stack([s["image"] for s in samples]).to(torch.float32),
         "target": target,
         "task_ids": task_ids,
         "task_mask": task_mask,
+        "loss_mask": loss_mask,
         "modality_id": torch.as_tensor([int(s["modality_id"]) for s in samples], dtype=torch.int64),
         "dataset_id": torch.as_tensor([int(s["dataset_id"]) for s in samples], dtype=torch.int64),
         "case_id": [str(s["case_id"]) for s in samples],

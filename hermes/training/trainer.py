@@ -139,7 +139,8 @@ def train_step(
             )
             terms = loss_fn(_half(out, slice(0, n)), batch)  # the masked half stays out of the modality loss
             extra = medcontext.loss(
-                out.logits[n:], teacher, batch["target"], task_ids, task_mask, hidden, step, loss_fn.segmentation
+                out.logits[n:], teacher, batch["target"], task_ids, batch.get("loss_mask", task_mask), hidden, step,
+                loss_fn.segmentation,
             )
             terms["masked_supervised"] = extra["masked_supervised"]
             terms["consistency"] = extra["consistency"]
