@@ -394,3 +394,86 @@ def test_train_step_with_medcontext_gives_unannotated_tasks_no_gradient(tmp_path
     assert terms["consistency"] > 0 and terms["masked_supervised"] > 0
     grad = model.w.grad
     assert grad is not None and float(grad[0]) == 0.0 and float(grad[1]) != 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# 3. evaluation
+# --------------------------------------------------------------------------------------------
+def organ_everywhere_predictions(folder: Path, out: Path) -> Path:
+    """Each test case's reference, with the organ also predicted where case 1 lacks it."""
+    from hermes.data.imageio import load_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted((folder / "labelsTs").glob("*.nii.gz")):
+        ref = load_image(path)
+        pred = np.asarray(ref.array).copy()
+        pred[2:6, 2:6, 2:6] = 1
+        save_image(out / path.name, pred, ref.affine)
+    return out
+
+
+def summary_task(result, task: str) -> dict:
+    return result.summary["datasets"]["Dataset910_Partial"]["tasks"][task]
+
+
+def test_evaluation_scores_only_annotated_cases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hermes.config import EvaluationConfig
+    from hermes.evaluation.evaluate import evaluate_folders
+
+    folder = make_dataset(tmp_path, n_train=0, n_test=4)
+    pred = organ_everywhere_predictions(folder, tmp_path / "pred")
+    config = EvaluationConfig(workers=1, bootstrap_samples=10)
+    ref = folder / "labelsTs"
+    # Default (absent = background): the organ drawn on case 1 is a false positive, Dice 0.
+    plain = evaluate_folders(pred, ref, config=config, progress=False)
+    assert summary_task(plain, "organ")["n_cases"] == 4 and summary_task(plain, "organ")["dice"]["mean"] == 0.75
+    # Rule: case 1 does not annotate the organ, so it is not scored (but still predicted).
+    ruled = evaluate_folders(pred, ref, config=config, progress=False, absent_means={"organ": "unannotated"})
+    organ = summary_task(ruled, "organ")
+    assert (organ["n_cases"], organ["n_unannotated"], organ["dice"]["n"], organ["dice"]["mean"]) == (3, 1, 3, 1.0)
+    row = next(r for r in ruled.rows if r["case"] == "case1" and r["task"] == "organ")
+    assert row["annotated"] is False and np.isnan(row["dice"]) and row["pred_voxels"] > 0
+    assert "not scored where the reference does not annotate the task: organ 1" in ruled.table()
+    # A sidecar next to the reference beats the rule (case 0: only the organ is annotated).
+    (ref / "case0.json").write_text('["organ"]')
+    sided = evaluate_folders(pred, ref, config=config, progress=False, absent_means="unannotated")
+    assert summary_task(sided, "lesion")["n_unannotated"] == 3  # case 0 (sidecar), cases 1 and 2 (rule)
+    assert summary_task(sided, "lesion")["dice"]["n"] == 1
+    (ref / "case0.json").unlink()
+    # The CLI: a case table, and per-label rules; n columns in the table, summary and CSV.
+    (tmp_path / "cases.tsv").write_text("case\tannotated\ncase1\tlesion\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--annotations", str(tmp_path / "cases.tsv"),
+                 "--bootstrap", "10", "--workers", "1", "--quiet", "-o", str(out), "--report"]) == 0
+    summary = json.loads((out / "summary.json").read_text())["datasets"]["Dataset910_Partial"]["tasks"]
+    assert summary["organ"]["n_cases"] == 3 and summary["organ"]["n_unannotated"] == 1
+    assert "case1,organ,,,,0,64,True,False,False" in (out / "metrics.csv").read_text()
+    assert "not annotated (not scored)" in (out / "report.html").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--absent-means", "organ=unannotated",
+                 "--bootstrap", "10", "--workers", "1", "--quiet", "-o", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["datasets"]["Dataset910_Partial"]["tasks"]["organ"]["n_cases"] == 3
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--absent-means", "kidney=unannotated",
+                 "--quiet", "-o", str(out)]) == 2
+    assert "absent_means.kidney: 'kidney' is not a label" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # predicts with a (random) model: ~10 s
+def test_model_evaluation_uses_the_catalog_rule(tmp_path: Path) -> None:
+    from inference_helpers import make_model_dir
+
+    from hermes.config import EvaluationConfig, InferenceConfig
+    from hermes.evaluation.evaluate import evaluate_model
+
+    folder = make_dataset(tmp_path, n_train=1, n_test=2)
+    catalog = write_catalog(tmp_path / "c.yaml", {"datasets": [{"path": str(folder), "absent_means": {"organ": "unannotated"}}]})
+    model = make_model_dir(tmp_path / "model", datasets=(("Partial", "CT", ("organ", "lesion"), folder),))
+    result = evaluate_model(
+        model, catalog, split="test", inference=InferenceConfig(overlap=0.0),
+        config=EvaluationConfig(bootstrap_samples=10), device="cpu", progress=False,
+    )
+    flags = {(r["case"], r["task"]): r["annotated"] for r in result.rows}
+    # Every task is predicted and listed; case 1's absent organ is not scored.
+    assert flags == {("case0", "Partial/organ"): True, ("case0", "Partial/lesion"): True,
+                     ("case1", "Partial/organ"): False, ("case1", "Partial/lesion"): True}
+    assert result.summary["datasets"]["Partial"]["tasks"]["Partial/organ"]["n_cases"] == 1
