@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hermes.config import PreprocessConfig, read_yaml, validate
 from hermes.data.annotation import AbsentMeans, read_annotation_table
@@ -63,6 +63,18 @@ class _DatasetSpec(BaseModel):
     test_only: bool = False
     absent_means: AbsentMeans | dict[str, AbsentMeans] = "background"
     annotations: str | None = None
+
+    @field_validator("absent_means", mode="before")
+    @classmethod
+    def _rule(cls, value: Any) -> Any:
+        """One readable error instead of pydantic's per-union-member pair."""
+        rules = ("background", "unannotated")
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, rule in items:
+            if rule not in rules:
+                where = f"{key}: " if key is not None else ""
+                raise ValueError(f"{where}{rule!r} must be 'background' or 'unannotated' (or a mapping label: rule)")
+        return value
 
 
 class _CatalogSpec(BaseModel):
