@@ -244,6 +244,11 @@ def concat_batches(a: dict[str, Any], b: dict[str, Any], null_task_id: int) -> d
             "target": torch.cat([target, target.new_zeros((n, extra, *target.shape[2:]))], dim=1),
             "task_ids": torch.cat([batch["task_ids"], batch["task_ids"].new_full((n, extra), null_task_id)], dim=1),
             "task_mask": torch.cat([batch["task_mask"], batch["task_mask"].new_zeros((n, extra))], dim=1),
+            **(
+                {"loss_mask": torch.cat([batch["loss_mask"], batch["loss_mask"].new_zeros((n, extra))], dim=1)}
+                if "loss_mask" in batch
+                else {}
+            ),
         }
 
     a, b = pad(a), pad(b)

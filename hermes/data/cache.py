@@ -39,6 +39,7 @@ import numpy as np
 from nibabel import orientations as nio
 
 from hermes.config import PreprocessConfig
+from hermes.data.annotation import annotation_meta, annotation_spec
 from hermes.data.catalog import Catalog, DatasetEntry
 from hermes.data.normalization import ChannelNorm, body_mask, ct_statistics, pool_ct_statistics
 from hermes.data.preprocess import PreprocessPlan, preprocess_case
@@ -137,6 +138,8 @@ def _case_job(job: dict[str, Any]) -> dict[str, Any]:
     if label is not None:
         values, counts = np.unique(label, return_counts=True)
         meta["labels_present"] = {str(int(v)): int(c) for v, c in zip(values, counts) if v != 0}
+        if job.get("annotation") is not None:
+            meta.update(annotation_meta(job["annotation"], (int(v) for v in values)))
         fg = _foreground_sample(label, case_id)
     else:
         meta["labels_present"] = None
@@ -406,8 +409,17 @@ def _prepare(catalog: Catalog, out: Path, pool: _Pool, progress: bool) -> Prepar
             if "error" in fingerprints[(entry.name, case.case_id)]:
                 continue
             signature = _signature([*case.image_paths, case.label_path])
-            meta = _read_json(out / entry.name / case.case_id / "meta.json")
+            annotation = None
+            if case.label_path is not None:
+                try:  # a bad sidecar is a bad case (named file), reported like any other
+                    annotation = annotation_spec(entry, catalog.task_names, case.case_id, case.label_path)
+                except DataError as error:
+                    _bad(report, config, entry.name, case.case_id, str(error))
+                    continue
+            meta_path = out / entry.name / case.case_id / "meta.json"
+            meta = _read_json(meta_path)
             if meta and meta.get("source_signature") == signature and meta.get("plan_digest") == digest and meta.get("split") == case.split:
+                _refresh_annotation(meta_path, meta, annotation)
                 reused.append((entry.name, case.case_id, case.split))
                 continue
             bad = _read_json(state / entry.name / f"{case.case_id}.bad.json")
@@ -425,6 +437,7 @@ def _prepare(catalog: Catalog, out: Path, pool: _Pool, progress: bool) -> Prepar
                     "plan": plan.to_dict(),
                     "signature": signature,
                     "out": str(out),
+                    "annotation": annotation,
                 }
             )
     report.reused = len(reused)
@@ -462,6 +475,16 @@ def _prepare(catalog: Catalog, out: Path, pool: _Pool, progress: bool) -> Prepar
     }
     atomic_write_json(out / "cache.json", index)
     return report
+
+
+def _refresh_annotation(meta_path: Path, meta: dict[str, Any], annotation: dict[str, Any] | None) -> None:
+    """A reused case whose annotation inputs changed (catalog rule, table or sidecar: none of
+    them is a source signature) gets a new meta.json; its arrays stay valid."""
+    if annotation is None or meta.get("labels_present") is None:
+        return
+    fields = annotation_meta(annotation, (int(v) for v in meta["labels_present"]))
+    if any(meta.get(key) != value for key, value in fields.items()):
+        atomic_write_json(meta_path, {**meta, **fields})
 
 
 def _bad(report: PrepareReport, config: PreprocessConfig, dataset: str, case_id: str, reason: str) -> None:

@@ -11,6 +11,8 @@ A catalog is a YAML file (format and examples in docs/data.md)::
         nested_tasks: {kidney_all: [kidney, kidney_tumour]}   # a task = a union of labels
         tasks: {liver: liver_ct}         # rename a task; equal names across datasets = shared
         test_only: false                 # true: never sampled for training (may lack imagesTr)
+        absent_means: {Esophagus: unannotated}   # or a scalar; default background (annotation.py)
+        annotations: cases.tsv           # per-case annotated label lists (annotation.py)
     shared_tasks:
       liver_ct: [AbdomenCT/liver, TotalSegCT/liver]
     preprocessing: {target_spacing: [1.5, 1.5, 1.5]}       # hermes.config.PreprocessConfig
@@ -36,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hermes.config import PreprocessConfig, read_yaml, validate
+from hermes.data.annotation import AbsentMeans, read_annotation_table
 from hermes.data.modalities import UNKNOWN, ModalityVocabulary
 from hermes.errors import ConfigError, DataError
 
@@ -58,6 +61,20 @@ class _DatasetSpec(BaseModel):
     nested_tasks: dict[str, list[str | int]] = Field(default_factory=dict)
     tasks: dict[str, str] = Field(default_factory=dict)
     test_only: bool = False
+    absent_means: AbsentMeans | dict[str, AbsentMeans] = "background"
+    annotations: str | None = None
+
+    @field_validator("absent_means", mode="before")
+    @classmethod
+    def _rule(cls, value: Any) -> Any:
+        """One readable error instead of pydantic's per-union-member pair."""
+        rules = ("background", "unannotated")
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, rule in items:
+            if rule not in rules:
+                where = f"{key}: " if key is not None else ""
+                raise ValueError(f"{where}{rule!r} must be 'background' or 'unannotated' (or a mapping label: rule)")
+        return value
 
 
 class _CatalogSpec(BaseModel):
@@ -100,6 +117,11 @@ class DatasetEntry:
     test_only: bool = False
     num_train: int = 0
     num_test: int = 0
+    # Case-level annotation (hermes/data/annotation.py): label values whose absence from a
+    # case means "not annotated", and the catalog's per-case table (case id -> label values).
+    absent_unannotated: tuple[int, ...] = ()
+    annotations: dict[str, tuple[int, ...]] | None = None
+    annotations_path: str | None = None
 
     @property
     def num_channels(self) -> int:
@@ -129,6 +151,9 @@ class DatasetEntry:
             "test_only": self.test_only,
             "num_train": self.num_train,
             "num_test": self.num_test,
+            "absent_unannotated": list(self.absent_unannotated),
+            "annotations": None if self.annotations is None else {k: list(v) for k, v in self.annotations.items()},
+            "annotations_path": self.annotations_path,
         }
 
     @classmethod
@@ -148,6 +173,13 @@ class DatasetEntry:
             test_only=bool(data.get("test_only", False)),
             num_train=int(data.get("num_train", 0)),
             num_test=int(data.get("num_test", 0)),
+            absent_unannotated=tuple(int(v) for v in data.get("absent_unannotated", ())),
+            annotations=(
+                None
+                if data.get("annotations") is None
+                else {str(k): tuple(int(x) for x in v) for k, v in data["annotations"].items()}
+            ),
+            annotations_path=data.get("annotations_path"),
         )
 
 
@@ -282,6 +314,42 @@ def _label_value(labels: dict[str, int], item: str | int, where: str, json_path:
     return str(item), labels[item]
 
 
+def _annotation_settings(
+    ds: _DatasetSpec, info: Any, locals_: list[tuple[str, tuple[int, ...]]], where: str, base_dir: Path
+) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]] | None, str | None]:
+    """Resolve ``absent_means`` and ``annotations`` of one dataset (hermes/data/annotation.py)."""
+    json_path = info.path / "dataset.json"
+    foreground = sorted(v for v in info.labels.values() if v != 0)
+    if isinstance(ds.absent_means, str):
+        unannotated = foreground if ds.absent_means == "unannotated" else []
+    else:
+        unannotated = []
+        for key, rule in ds.absent_means.items():
+            _, value = _label_value(info.labels, key, f"{where}.absent_means.{key}", json_path)
+            if rule == "unannotated":
+                unannotated.append(value)
+    table: dict[str, tuple[int, ...]] | None = None
+    table_path: str | None = None
+    if ds.annotations is not None:
+        path = Path(ds.annotations).expanduser()
+        path = (path if path.is_absolute() else base_dir / path).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{where}.annotations: annotation table not found: {path}")
+        names = {k: (v,) for k, v in info.labels.items() if v != 0}
+        for local, values in locals_:
+            names.setdefault(local, values)
+        try:
+            table = read_annotation_table(path, names, [info.name, ds.name or short_name(info.name)])
+        except DataError as error:
+            raise ConfigError(f"{where}.annotations: {error}") from None
+        known = {case.case_id for case in info.cases}
+        stray = sorted(set(table) - known)
+        if stray:
+            raise ConfigError(f"{where}.annotations: {path}: case(s) not in the dataset: {', '.join(stray[:5])}")
+        table_path = str(path)
+    return tuple(sorted(set(unannotated))), table, table_path
+
+
 def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>") -> Catalog:
     """Validate a catalog mapping and resolve it against the dataset folders it names."""
     from hermes.data.readers import open_dataset  # deferred: keeps `import catalog` light
@@ -363,6 +431,8 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
                     f"(choices: {', '.join(n for n, _ in locals_)})"
                 )
 
+        absent_unannotated, table, table_path = _annotation_settings(ds, info, locals_, where, base_dir)
+
         n_train, n_test = len(info.train_cases()), len(info.test_cases())
         if n_train == 0 and not ds.test_only:
             raise ConfigError(
@@ -387,10 +457,15 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
                 test_only=ds.test_only,
                 num_train=n_train,
                 num_test=n_test,
+                absent_unannotated=absent_unannotated,
+                annotations=table,
+                annotations_path=table_path,
             )
         )
         raw = ds.model_dump(exclude_defaults=True)
         raw["path"] = str(folder)
+        if table_path is not None:
+            raw["annotations"] = table_path
         resolved_spec["datasets"].append(raw)
 
     # Task name of every (dataset, local task): default, renamed by `tasks`, or shared.

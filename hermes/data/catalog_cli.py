@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from hermes.data.annotation import TaskPresence, label_presence, presence_suggestions
 from hermes.data.catalog import Catalog, default_catalog_spec, load_catalog, share_candidates
 
 
@@ -15,6 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
     show = sub.add_parser("show", help="validate a catalog and print its task x dataset table")
     show.add_argument("catalog", type=Path)
+    show.add_argument(
+        "--no-label-scan",
+        action="store_true",
+        help="do not read the training label maps (skips the per-task absent counts)",
+    )
     init = sub.add_parser("init", help="print a default catalog for dataset folders (redirect it to a file)")
     init.add_argument("folders", type=Path, nargs="+", help="nnU-Net v2 raw or MSD dataset folders")
     init.add_argument(
@@ -30,8 +36,25 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
-def render(catalog: Catalog) -> str:
-    """Human-readable summary: datasets, the task x dataset table, share suggestions."""
+def render_presence(rows: list[TaskPresence]) -> list[str]:
+    """Per task: training cases without its label, cases left out of its loss, and the rule."""
+    if not rows:
+        return []
+    lines = ["", "Label presence in the training cases (absent: no voxel of the task in the label map):"]
+    table = [["task", "absent", "unannotated", "absent_means"]]
+    for row in rows:
+        table.append([row.task, f"{row.absent}/{row.cases}", f"{row.unannotated}/{row.cases}", row.rule])
+    lines.append(_table(table))
+    suggestions = presence_suggestions(rows)
+    if suggestions:
+        lines.append("")
+        lines.append("Absent labels are trained as background unless annotated otherwise (docs/data.md, partial labels):")
+        lines.extend("  " + line for line in suggestions)
+    return lines
+
+
+def render(catalog: Catalog, presence: list[TaskPresence] | None = None) -> str:
+    """Human-readable summary: datasets, the task x dataset table, label presence, share suggestions."""
     lines = []
     where = f" {catalog.source}" if catalog.source else ""
     lines.append(
@@ -76,6 +99,7 @@ def render(catalog: Catalog) -> str:
     if untrained:
         lines.append("")
         lines.append(f"Warning: no training data for {', '.join(untrained)} (only test-only datasets label them).")
+    lines.extend(render_presence(presence or []))
     suggestions = share_candidates(catalog)
     if suggestions:
         lines.append("")
@@ -90,12 +114,14 @@ def render(catalog: Catalog) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.catalog_command == "show":
-        print(render(load_catalog(args.catalog)))
+        catalog = load_catalog(args.catalog)
+        presence = None if args.no_label_scan else label_presence(catalog, progress=sys.stderr.isatty())
+        print(render(catalog, presence))
         return 0
     spec = default_catalog_spec(list(args.folders), relative_to=args.relative_to)
     sys.stdout.write(
         "# Hermes catalog (docs/data.md). Paths are relative to this file's folder.\n"
-        "# Optional per dataset: name, modality, labels, nested_tasks, tasks, test_only.\n"
+        "# Optional per dataset: name, modality, labels, nested_tasks, tasks, test_only, absent_means, annotations.\n"
         "# Run `hermes catalog show` on this file for share candidates (shared_tasks).\n"
     )
     sys.stdout.write(yaml.safe_dump(spec, sort_keys=False))

@@ -12,7 +12,8 @@ seeded from those three numbers. Hence
 A batch follows the contract of docs/architecture.md: each sample is supervised only on its
 own dataset's tasks (binary target channels built from the stored label values through the
 catalog's label -> task mapping), the task list is padded per batch with the null task id and
-``task_mask`` marks the real slots.
+``task_mask`` marks the real slots. ``loss_mask`` is ``task_mask`` minus the tasks the case is
+not annotated for (hermes/data/annotation.py): those stay in the prompt, out of the loss.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from hermes.config import DataConfig
+from hermes.data.annotation import cached_task_annotation
 from hermes.data.augment import augment_patch
 from hermes.data.cache import CachedCase, CacheIndex, load_cached_case
 from hermes.data.catalog import Catalog, DatasetEntry
@@ -153,17 +155,21 @@ class PatchSampler:
         return self._open[key]
 
     def task_pool(self) -> list[tuple[str, int, list[str]]]:
-        """(dataset, channel, cases where that task's foreground is present) for every task of
+        """(dataset, channel, cases where that task is annotated and present) for every task of
         the sampled datasets that has any foreground: the population of task-first sampling.
         Built on first use from the cached ``labels_present`` (per process, like the memory maps)."""
         if self._task_pool is None:
             pool = []
             for name in self.names:
                 entry = self.entries[name]
-                presence = {case_id: self.case(name, case_id).meta.get("labels_present") or {}
-                            for case_id in self.cases[name]}
+                metas = {case_id: self.case(name, case_id).meta for case_id in self.cases[name]}
+                presence = {c: meta.get("labels_present") or {} for c, meta in metas.items()}
+                annotated = {c: cached_task_annotation(meta, entry) for c, meta in metas.items()}
                 for channel, values in enumerate(entry.label_values):
-                    ids = [c for c, present in presence.items() if any(str(v) in present for v in values)]
+                    ids = [
+                        c for c, present in presence.items()
+                        if annotated[c][channel] and any(str(v) in present for v in values)
+                    ]
                     if ids:
                         pool.append((name, channel, ids))
             self._task_pool = pool
@@ -182,12 +188,16 @@ class PatchSampler:
         coords = foreground[values[int(rng.integers(len(values)))]]
         return dataset, case_id, coords[int(rng.integers(len(coords)))].astype(np.float64)
 
-    def choose_center(self, rng: np.random.Generator, case: CachedCase, entry: DatasetEntry) -> np.ndarray:
-        """Foreground-oversampled centre: a voxel of a random present class, or anywhere."""
+    def choose_center(
+        self, rng: np.random.Generator, case: CachedCase, entry: DatasetEntry, annotated: Sequence[bool] | None = None
+    ) -> np.ndarray:
+        """Foreground-oversampled centre: a voxel of a random present class of an annotated
+        task (``annotated``: per own task, None = all), or anywhere."""
         shape = case.image.shape[1:]
         force_fg = rng.random() < self.config.foreground_fraction
         if force_fg and case.label is not None:
-            wanted = {v for values in entry.label_values for v in values}
+            keep = list(annotated) if annotated is not None else [True] * len(entry.label_values)
+            wanted = {v for values, ok in zip(entry.label_values, keep) if ok for v in values}
             foreground = case.foreground()
             present = sorted(v for v in foreground if v in wanted and len(foreground[v]))
             if present:
@@ -208,8 +218,9 @@ class PatchSampler:
         case = self.case(dataset, case_id)
         if case.label is None:
             raise DataError(f"{case.path}: training case without label.npy; re-run `hermes prepare`")
+        annotated = cached_task_annotation(case.meta, entry)
         if center is None:
-            center = self.choose_center(rng, case, entry)
+            center = self.choose_center(rng, case, entry, annotated)
         image, label = augment_patch(
             rng,
             self.config.augment,
@@ -225,6 +236,7 @@ class PatchSampler:
             "image": image,
             "target": task_targets(label, entry),
             "task_ids": torch.as_tensor(entry.task_ids, dtype=torch.int64),
+            "annotated": torch.as_tensor(annotated, dtype=torch.bool),
             "modality_id": entry.modality_id,
             "dataset_id": self.dataset_ids[dataset],
             "case_id": case_id,
@@ -241,23 +253,30 @@ class PatchSampler:
 
 
 def collate_batch(samples: Sequence[Mapping[str, Any]], null_task_id: int) -> dict[str, Any]:
-    """Stack samples, padding each task list to the batch maximum with the null task."""
+    """Stack samples, padding each task list to the batch maximum with the null task.
+
+    ``loss_mask`` = ``task_mask`` and the sample's ``annotated`` flags (all True if absent).
+    The model's prompt reads ``task_mask`` (an unannotated task is still context); the loss
+    reads ``loss_mask`` (it gets no loss and no gradient, like a padded slot)."""
     n_tasks = max(len(s["task_ids"]) for s in samples)
     patch = tuple(samples[0]["image"].shape[1:])
     batch = len(samples)
     target = torch.zeros((batch, n_tasks, *patch), dtype=torch.float32)
     task_ids = torch.full((batch, n_tasks), int(null_task_id), dtype=torch.int64)
     task_mask = torch.zeros((batch, n_tasks), dtype=torch.bool)
+    loss_mask = torch.zeros((batch, n_tasks), dtype=torch.bool)
     for b, sample in enumerate(samples):
         k = len(sample["task_ids"])
         target[b, :k] = sample["target"]
         task_ids[b, :k] = sample["task_ids"]
         task_mask[b, :k] = True
+        loss_mask[b, :k] = torch.as_tensor(sample["annotated"], dtype=torch.bool) if "annotated" in sample else True
     return {
         "image": torch.stack([s["image"] for s in samples]).to(torch.float32),
         "target": target,
         "task_ids": task_ids,
         "task_mask": task_mask,
+        "loss_mask": loss_mask,
         "modality_id": torch.as_tensor([int(s["modality_id"]) for s in samples], dtype=torch.int64),
         "dataset_id": torch.as_tensor([int(s["dataset_id"]) for s in samples], dtype=torch.int64),
         "case_id": [str(s["case_id"]) for s in samples],

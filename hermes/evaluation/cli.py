@@ -24,6 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     folders.add_argument("--images", type=Path, help="images for the report overlays (default: REF's imagesXx sibling)")
     folders.add_argument("--dataset", help="dataset name in the tables (default: the reference's dataset folder)")
+    folders.add_argument(
+        "--annotations", type=Path,
+        help="TSV (columns case, annotated) of the labels each reference annotates; a REF/CASE.json sidecar wins",
+    )
+    folders.add_argument(
+        "--absent-means", nargs="+", metavar="[LABEL=]RULE",
+        help="background (default) or unannotated: what a label absent from a reference means, for every label "
+        "or per label (Esophagus=unannotated); unannotated tasks are not scored on that case",
+    )
 
     model = parser.add_argument_group("(b) predict and score a catalog's cases with a model")
     model.add_argument("-m", "--model", type=Path, help="saved model directory")
@@ -53,6 +62,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _absent_means(items: list[str] | None) -> str | dict[str, str] | None:
+    """``["unannotated"]`` -> "unannotated"; ``["Esophagus=unannotated", ...]`` -> a mapping."""
+    from hermes.errors import ConfigError
+
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, rule = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--absent-means: {item!r}: give one RULE, or LABEL=RULE items")
+        out[name] = rule
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from hermes.config import InferenceConfig
     from hermes.errors import ConfigError
@@ -80,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_folders(
             args.pred, args.ref, labels=args.labels, pred_labels=pred_labels, dataset=args.dataset,
             images_dir=args.images, config=config, overlays=args.report, progress=not args.quiet,
+            annotations=args.annotations, absent_means=_absent_means(args.absent_means),
         )
         out = args.out or args.pred / "evaluation"
         title = f"Evaluation of {args.pred}"

@@ -14,6 +14,12 @@ mean, std, 95% bootstrap CI, counts of reference-empty and false-positive cases;
 the mean over tasks; overall the mean over datasets and over all tasks) and, optionally,
 ``report.html`` (hermes/evaluation/report.py). Conventions for empty masks are in
 hermes/evaluation/metrics.py.
+
+A task is scored only on the cases whose reference annotates it (hermes/data/annotation.py:
+a sidecar ``CASE.json`` next to the reference label, a case table, or the ``absent_means``
+rule). Predictions are still made for every task; an unannotated (case, task) pair is a row of
+metrics.csv with ``annotated`` False and empty metrics, and each mean reports how many cases
+it is over (``n_cases``, and ``n_unannotated`` for the pairs left out).
 """
 
 from __future__ import annotations
@@ -35,6 +41,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hermes.config import EvaluationConfig, InferenceConfig
+from hermes.data.annotation import (
+    annotated_values,
+    entry_case_annotation,
+    explicit_annotation,
+    read_annotation_table,
+    resolve_names,
+    task_annotation,
+)
 from hermes.data.imageio import (
     SUPPORTED_SUFFIXES,
     Image,
@@ -50,6 +64,7 @@ from hermes.fileio import atomic_write_json, atomic_write_text, json_safe
 METRICS = ("dice", "hd95", "nsd")
 CSV_COLUMNS = (
     "dataset", "case", "task", "dice", "hd95", "nsd", "ref_voxels", "pred_voxels", "ref_empty", "false_positive",
+    "annotated",
 )  # fmt: skip
 _CHANNEL = re.compile(r"^(?P<case>.+)_\d{4}$")
 OVERLAY_MAX_SIDE = 256
@@ -206,13 +221,34 @@ def score_case(
     masks: Iterable[tuple[str, np.ndarray, np.ndarray]],
     spacing: Sequence[float],
     config: EvaluationConfig,
+    annotated: Sequence[bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of metrics.csv for one case from ``(task, pred_mask, ref_mask)`` triples."""
+    """Rows of metrics.csv for one case from ``(task, pred_mask, ref_mask)`` triples.
+
+    ``annotated`` (per triple, default all True): a task the reference does not annotate
+    gets a row with NaN metrics and ``annotated`` False, which no mean includes."""
     rows = []
-    for task, pred, ref in masks:
+    for index, (task, pred, ref) in enumerate(masks):
+        if annotated is not None and not annotated[index]:
+            ref_n, pred_n = int(np.count_nonzero(ref)), int(np.count_nonzero(pred))
+            rows.append(
+                {"dataset": dataset, "case": case, "task": task, "dice": math.nan, "hd95": math.nan, "nsd": math.nan,
+                 "ref_voxels": ref_n, "pred_voxels": pred_n, "ref_empty": ref_n == 0, "false_positive": False,
+                 "annotated": False}
+            )
+            continue
         scores: MaskScores = score_masks(pred, ref, spacing, config)
-        rows.append({"dataset": dataset, "case": case, "task": task, **scores.as_dict()})
+        rows.append({"dataset": dataset, "case": case, "task": task, **scores.as_dict(), "annotated": True})
     return rows
+
+
+def _reference_annotation(
+    ref: np.ndarray, ref_values: Sequence[tuple[int, ...]], explicit: Sequence[int] | None, absent_unannotated: Sequence[int]
+) -> list[bool]:
+    """Per scored task: does this reference annotate it (all of its label values)?"""
+    foreground = sorted({v for values in ref_values for v in values})
+    chosen = set(annotated_values(foreground, np.unique(ref).tolist(), explicit, absent_unannotated))
+    return [set(values) <= chosen for values in ref_values]
 
 
 def _index_map(label_map: np.ndarray, values_per_task: Sequence[tuple[int, ...]]) -> np.ndarray:
@@ -283,6 +319,8 @@ class CaseJob:
     tasks: tuple[ScoredTask, ...]
     config: EvaluationConfig
     want_overlay: bool
+    explicit: tuple[int, ...] | None = None  # annotated reference values (sidecar/table), None: the rule
+    absent_unannotated: tuple[int, ...] = ()
 
 
 def run_case_job(job: CaseJob) -> tuple[list[dict[str, Any]], OverlaySlice | None]:
@@ -293,7 +331,8 @@ def run_case_job(job: CaseJob) -> tuple[list[dict[str, Any]], OverlaySlice | Non
     ref = _integer_labels(ref_image)
     pred = _integer_labels(pred_image)
     triples = ((t.name, np.isin(pred, t.pred_values), np.isin(ref, t.ref_values)) for t in job.tasks)
-    rows = score_case(job.dataset, job.case, triples, ref_image.spacing, job.config)
+    annotated = _reference_annotation(ref, [t.ref_values for t in job.tasks], job.explicit, job.absent_unannotated)
+    rows = score_case(job.dataset, job.case, triples, ref_image.spacing, job.config, annotated)
     overlay = None
     if job.want_overlay:
         image = None
@@ -390,9 +429,11 @@ def summarize(rows: Sequence[dict[str, Any]], config: EvaluationConfig | None = 
     datasets: dict[str, Any] = {}
     for dataset, tasks in by_dataset.items():
         task_stats: dict[str, Any] = {}
-        for task, task_rows in tasks.items():
+        for task, all_rows in tasks.items():
+            task_rows = [r for r in all_rows if r.get("annotated", True)]
             entry: dict[str, Any] = {
                 "n_cases": len(task_rows),
+                "n_unannotated": len(all_rows) - len(task_rows),
                 "n_ref_empty": sum(bool(r["ref_empty"]) for r in task_rows),
                 "n_false_positive": sum(bool(r["false_positive"]) for r in task_rows),
             }
@@ -404,6 +445,8 @@ def summarize(rows: Sequence[dict[str, Any]], config: EvaluationConfig | None = 
         per_case: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for task_rows in tasks.values():
             for r in task_rows:
+                if not r.get("annotated", True):
+                    continue
                 for metric in METRICS:
                     per_case[metric][r["case"]].append(float(r[metric]))
         mean: dict[str, Any] = {}
@@ -415,7 +458,7 @@ def summarize(rows: Sequence[dict[str, Any]], config: EvaluationConfig | None = 
                 "ci95": list(ci) if ci else None,
             }
         datasets[dataset] = {
-            "n_cases": len({r["case"] for task_rows in tasks.values() for r in task_rows}),
+            "n_cases": len({r["case"] for task_rows in tasks.values() for r in task_rows if r.get("annotated", True)}),
             "tasks": task_stats,
             "mean": mean,
         }
@@ -433,6 +476,8 @@ def summarize(rows: Sequence[dict[str, Any]], config: EvaluationConfig | None = 
             "one_empty": "Dice 0, NSD 0, HD95 = image diagonal in mm",
             "ci": f"95% percentile bootstrap over cases, {config.bootstrap_samples} resamples, seed {config.seed}",
             "dataset_mean": "mean over the dataset's tasks of the per-task means",
+            "unannotated": "a (case, task) pair whose reference does not annotate the task (sidecar, table or "
+            "absent_means rule) is not scored; n_cases counts the annotated cases, n_unannotated the others",
             "overall": "mean_over_datasets weights datasets equally; mean_over_tasks weights tasks equally",
         },
         "datasets": datasets,
@@ -473,6 +518,14 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{'overall (mean over datasets)':<44} {'':>4} {_fmt(overall['dice']):>6} {'':>15} "
         f"{_fmt(overall['nsd']):>6} {_fmt(overall['hd95'], 2):>8}"
     )
+    skipped = [
+        f"{task} {stats['n_unannotated']}"
+        for entry in summary["datasets"].values()
+        for task, stats in entry["tasks"].items()
+        if stats.get("n_unannotated")
+    ]
+    if skipped:
+        lines.append(f"n: cases scored; not scored where the reference does not annotate the task: {', '.join(skipped)}")
     return "\n".join(lines)
 
 
@@ -518,6 +571,8 @@ def evaluate_folders(
     config: EvaluationConfig | None = None,
     overlays: bool = False,
     progress: bool = True,
+    annotations: str | Path | None = None,
+    absent_means: str | dict[str, str] | None = None,
 ) -> EvaluationResult:
     """Score every reference case against the prediction file of the same case id.
 
@@ -528,6 +583,10 @@ def evaluate_folders(
         pred_labels: label names -> values of the predictions when they differ from the
             reference's (matched by name); default: the same values as the reference.
         dataset: name used in the tables; default the folder holding ``ref_dir``.
+        annotations: a case table (TSV: ``case``, ``annotated``) of the labels each reference
+            annotates; a sidecar ``REF_DIR/CASE.json`` takes precedence (annotation.py).
+        absent_means: ``unannotated`` / ``background`` for every label, or ``{label: rule}``:
+            what a label absent from a reference without a sidecar or table row means.
     """
     config = config or EvaluationConfig()
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
@@ -555,10 +614,14 @@ def evaluate_folders(
     name = dataset or (ref_dir.parent.name if ref_dir.name.startswith("labels") else ref_dir.name)
     image_dir = Path(images_dir) if images_dir else _guess_image_dir(ref_dir)
     images = case_files(image_dir, strip_channel=True) if (overlays and image_dir) else {}
-    jobs = [
-        CaseJob(name, case, preds[case], ref_path, images.get(case), tasks, config, overlays)
-        for case, ref_path in refs.items()
-    ]
+    rule = _absent_rule(absent_means, ref_labels)
+    table = read_annotation_table(Path(annotations), ref_labels, [name]) if annotations is not None else None
+    jobs = []
+    for case, ref_path in refs.items():
+        explicit = explicit_annotation(case, ref_path, ref_labels, table, str(annotations)).explicit
+        jobs.append(
+            CaseJob(name, case, preds[case], ref_path, images.get(case), tasks, config, overlays, explicit, rule)
+        )
     rows: list[dict[str, Any]] = []
     slices: list[OverlaySlice] = []
     for case_rows, overlay in run_jobs(jobs, config.workers, progress):
@@ -566,6 +629,24 @@ def evaluate_folders(
         if overlay is not None:
             slices.append(overlay)
     return EvaluationResult(rows, summarize(rows, config), slices)
+
+
+def _absent_rule(absent_means: str | dict[str, str] | None, labels: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """Reference label values whose absence means "not annotated"."""
+    rules = {"background", "unannotated"}
+    if absent_means is None:
+        return ()
+    if isinstance(absent_means, str):
+        if absent_means not in rules:
+            raise DataError(f"absent_means: {absent_means!r} must be 'background' or 'unannotated'")
+        return tuple(sorted({v for vs in labels.values() for v in vs})) if absent_means == "unannotated" else ()
+    values: set[int] = set()
+    for name, rule in absent_means.items():
+        if rule not in rules:
+            raise DataError(f"absent_means.{name}: {rule!r} must be 'background' or 'unannotated'")
+        if rule == "unannotated":
+            values |= resolve_names([name], labels, f"absent_means.{name}")
+    return tuple(sorted(values))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +680,8 @@ def evaluate_model(
     multi-label output, overlapping task masks are resolved as ``hermes predict`` does (the
     most probable task wins), which is what a user of the written files gets; pass
     ``inference.output="binary"`` to score every task's own sigmoid mask instead (nested
-    region tasks need that).
+    region tasks need that). Every task is predicted; a task is scored only on the cases whose
+    reference annotates it (the catalog's sidecars, table and ``absent_means`` rule).
     """
     from hermes.data.catalog import load_catalog
     from hermes.data.readers import open_dataset
@@ -651,7 +733,11 @@ def evaluate_model(
             masks: list[tuple[str, np.ndarray, np.ndarray]] = [
                 (task, prediction.mask(task), np.isin(ref, vals)) for task, vals in zip(tasks, values)
             ]
-            rows.extend(score_case(entry.name, case.case_id, masks, ref_image.spacing, config))
+            explicit = entry_case_annotation(entry, case.case_id, case.label_path).explicit
+            foreground = [v for v in entry.labels.values() if v != 0]
+            chosen = annotated_values(foreground, np.unique(ref).tolist(), explicit, entry.absent_unannotated)
+            annotated = task_annotation(entry, chosen)
+            rows.extend(score_case(entry.name, case.case_id, masks, ref_image.spacing, config, annotated))
             if save_predictions is not None:
                 prediction.save(Path(save_predictions) / entry.name / f"{case.case_id}.nii.gz", overwrite=True)
             if overlays:

@@ -92,11 +92,12 @@ def task_table(dataset: str, entry: dict[str, Any]) -> str:
             f"<tr><td class=name>{html.escape(_short(task, dataset))}</td><td>{stats['dice']['n']}</td>"
             f"<td>{_fmt(stats['dice']['mean'])} ± {_fmt(stats['dice']['std'])}</td><td>{_ci(stats['dice']['ci95'])}</td>"
             f"<td>{_fmt(stats['nsd']['mean'])}</td><td>{_fmt(stats['hd95']['mean'], 2)}</td>"
-            f"<td>{stats['n_false_positive']} / {stats['n_ref_empty']}</td></tr>"
+            f"<td>{stats['n_false_positive']} / {stats['n_ref_empty']}</td><td>{stats.get('n_unannotated', 0)}</td></tr>"
         )
     return (
         "<table><tr><th class=name>task</th><th>n</th><th>Dice mean ± std</th><th>95% CI</th><th>NSD</th>"
-        "<th>HD95 (mm)</th><th>FP cases / cases without it</th></tr>" + "".join(rows) + "</table>"
+        "<th>HD95 (mm)</th><th>FP cases / cases without it</th><th>not annotated (not scored)</th></tr>"
+        + "".join(rows) + "</table>"
     )
 
 

@@ -3,7 +3,9 @@
 Every sample is supervised **only on its own tasks**: the batch carries one output channel per
 requested task (``task_ids``), padded to the largest task count of the batch; padded slots
 (``task_mask`` False) are not "background", they are simply absent from the loss and get no
-gradient. There is no cross-dataset marginal or exclusion term (as in the Hermes paper).
+gradient. There is no cross-dataset marginal or exclusion term (as in the Hermes paper). The
+same holds for a task the sample's case is not annotated for (hermes/data/annotation.py): the
+batch's ``loss_mask`` (``task_mask`` minus those pairs) is the mask :class:`HermesLoss` uses.
 
 Notation, for one valid (sample b, task t) pair with logits ``x``, probabilities
 ``p = sigmoid(x)``, binary target ``g`` and optional voxel weights ``w >= 0`` (all ones when no
@@ -208,7 +210,7 @@ class HermesLoss:
         self, output: _Output, batch: dict[str, Any], voxel_weight: Tensor | None = None
     ) -> dict[str, Tensor]:
         target = batch["target"]
-        task_mask = batch["task_mask"]
+        task_mask = batch.get("loss_mask", batch["task_mask"])  # unannotated pairs: no loss
         terms = self.segmentation.terms(output.logits, target, task_mask, voxel_weight)
         deep = sorted(output.deep_supervision or [], key=lambda t: -t[0, 0].numel())
         if deep:

@@ -139,7 +139,8 @@ def train_step(
             )
             terms = loss_fn(_half(out, slice(0, n)), batch)  # the masked half stays out of the modality loss
             extra = medcontext.loss(
-                out.logits[n:], teacher, batch["target"], task_ids, task_mask, hidden, step, loss_fn.segmentation
+                out.logits[n:], teacher, batch["target"], task_ids, batch.get("loss_mask", task_mask), hidden, step,
+                loss_fn.segmentation,
             )
             terms["masked_supervised"] = extra["masked_supervised"]
             terms["consistency"] = extra["consistency"]
@@ -343,7 +344,7 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
     model_dir = out / MODEL_DIR
     if ctx.is_main:
         final, chosen, scores = choose_final_weights(config, model, ema, validator, val_dice)
-        spec = model_spec(config, data, step, amp, scores[chosen] if chosen in scores else val_dice)
+        spec = model_spec(config, data, step, amp, scores.get(chosen, val_dice))
         spec["training"]["final_weights"] = chosen
         spec["training"]["validation_dice_by_weights"] = {
             name: {k: (None if math.isnan(v) else v) for k, v in dice.items()} for name, dice in scores.items()

@@ -6,8 +6,9 @@ setting of the paper) either on the whole cached volume with the Gaussian slidin
 :mod:`hermes.inference.sliding_window` (``validation.mode: full``) or on one central patch
 (``patch``: much faster, noisier). Dice follows the evaluation conventions of
 :mod:`hermes.evaluation.metrics`: a (case, task) pair where both masks are empty is skipped,
-a false positive on a case without the structure scores 0. A dataset's score is the mean over
-its tasks of the per-task mean over cases. The cache grid is used (no resampling back to the
+a false positive on a case without the structure scores 0, and a task the case is not
+annotated for (meta.json ``annotated_labels``) is not scored. A dataset's score is the mean
+over its tasks of the per-task mean over cases. The cache grid is used (no resampling back to the
 original image): this is a training monitor, ``hermes evaluate`` gives the real numbers.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from hermes.config import ValidationConfig
+from hermes.data.annotation import cached_task_annotation
 from hermes.data.catalog import Catalog, DatasetEntry
 from hermes.evaluation.metrics import dice
 from hermes.inference.sliding_window import central_window, sliding_window_inference
@@ -105,8 +107,10 @@ class Validator:
                     logits = self._predict(model, image, entry)
                     pred = (logits > 0).cpu().numpy()
                     ref_np = ref[0].numpy() > 0.5
+                    annotated = cached_task_annotation(getattr(case, "meta", None) or {}, entry)
                     for t in range(len(entry.task_ids)):
-                        per_task[t].append(dice(pred[t], ref_np[t]))
+                        if annotated[t]:
+                            per_task[t].append(dice(pred[t], ref_np[t]))
                 scores[name] = _nanmean([_nanmean(values) for values in per_task])
         finally:
             model.train(was_training)
