@@ -267,6 +267,9 @@ class InferenceConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Overlapping task masks in the multi-label output: the most probable task wins.
     output: Literal["multilabel", "binary"] = "multilabel"
+    # A DICOM series with uneven slice gaps (a missing slice) is refused unless this is set;
+    # then it is resampled onto a regular grid from its true positions (hermes/data/dicom.py).
+    allow_irregular_dicom: bool = False
 
 
 class EvaluationConfig(Strict):

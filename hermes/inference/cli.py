@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"autocast precision (default {defaults.precision})",
     )
     parser.add_argument("--threshold", type=float, default=None, help=f"sigmoid threshold (default {defaults.threshold})")
+    parser.add_argument(
+        "--allow-irregular", action="store_true",
+        help="accept a DICOM series with uneven slice gaps (e.g. a missing slice) by resampling it onto a regular "
+        "grid from its true slice positions (default: refuse it)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-case messages")
 
 
@@ -61,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
                 "window_batch_size": args.window_batch_size,
                 "precision": args.precision,
                 "threshold": args.threshold,
+                "allow_irregular_dicom": args.allow_irregular or None,
             }.items()
             if v is not None
         }

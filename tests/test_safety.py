@@ -1,0 +1,248 @@
+"""Fuzz/regression suite of bad inputs: each ends in a clear error or a correct result.
+
+Every case runs the ``hermes`` command in-process on tiny generated inputs and asserts (a) the
+exit code, (b) that the message names the offending file or argument, and (c) that no file that
+existed before the run changed (every file under the test folder hashed before and after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from inference_helpers import make_model_dir
+
+from hermes.cli import main
+from hermes.data.imageio import load_image
+from hermes.errors import DataError
+
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (hidden temp files included)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_unchanged(before: dict[str, str], root: Path) -> None:
+    after = snapshot(root)
+    changed = [name for name, digest in before.items() if after.get(name) != digest]
+    assert not changed, f"pre-existing files changed or removed: {changed}"
+
+
+def fails(root: Path, argv: Sequence[str], capsys: pytest.CaptureFixture[str], *names: str) -> str:
+    """Run ``hermes argv``; assert a non-zero exit, every ``name`` in stderr, no file changed."""
+    capsys.readouterr()
+    before = snapshot(root)
+    code = None
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code not in (0, None), f"exit {code} for {argv}: {err}"
+    assert "Traceback" not in err
+    for name in names:
+        assert str(name) in err, f"{name!r} not in: {err}"
+    assert_unchanged(before, root)
+    return err
+
+
+def ct_volume(shape: tuple[int, int, int] = (20, 18, 12), seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    array = rng.normal(-800, 50, shape)
+    array[4:-4, 4:-4, 2:-2] = rng.normal(40, 80, (shape[0] - 8, shape[1] - 8, shape[2] - 4))
+    return array.astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights, one CT dataset (two tasks) and one MR dataset: enough for error paths."""
+    return make_model_dir(
+        tmp_path_factory.mktemp("model") / "model",
+        datasets=(("CTSet", "CT", ("liver", "kidney"), None), ("MRSet", "T1", ("hippo",), None)),
+    )
+
+
+def predict_args(model: Path, image: Path, out: Path, *extra: str) -> list[str]:
+    return ["predict", "-m", str(model), "-i", str(image), "-o", str(out), "--modality", "CT", "--quiet",
+            "--overlap", "0", "--device", "cpu", *extra]
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM series
+# ----------------------------------------------------------------------------------------------
+def write_series(folder: Path, slices: int = 8, gap: float = 2.5, rows: int = 20, cols: int = 18,
+                 positions: Sequence[float] | None = None) -> list[Path]:
+    """A tiny uncompressed CT series (pydicom), one file per slice, files named by instance."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid, study_uid = generate_uid(entropy_srcs=[str(folder), "s"]), generate_uid(entropy_srcs=[str(folder)])
+    positions = list(positions) if positions is not None else [10.0 + gap * k for k in range(slices)]
+    volume = ct_volume((cols, rows, len(positions)))
+    paths = []
+    for k, z in enumerate(positions):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(folder), str(k)])
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"slice{k:03d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, study_uid
+        ds.Modality, ds.InstanceNumber = "CT", k + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-20.0, -15.0, z]
+        ds.PixelSpacing = [1.5, 1.25]  # row spacing, column spacing
+        ds.SliceThickness = gap
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T).tobytes()  # (rows, cols)
+        ds.save_as(str(path), enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def test_regular_series_geometry_matches_the_check(tmp_path: Path) -> None:
+    from hermes.data.dicom import check_series, resample_irregular
+
+    files = write_series(tmp_path / "series", slices=6, gap=2.5)
+    image = load_image(tmp_path / "series")
+    assert image.array.shape == (18, 20, 6)
+    assert image.spacing == pytest.approx((1.25, 1.5, 2.5))
+    geometry = check_series(tmp_path / "series")
+    assert geometry.regular and geometry.files == tuple(files)
+    # On a regular series the resampler is the identity and places the slices where ITK does.
+    array, affine_lps = resample_irregular(image.array, geometry)
+    np.testing.assert_array_equal(array, image.array.astype(np.float32))
+    np.testing.assert_allclose(np.diag([-1.0, -1, 1, 1]) @ affine_lps, image.affine, atol=1e-6)
+
+
+def test_dicom_missing_slice_refused_then_resampled_on_request(model_dir: Path, tmp_path: Path, capsys) -> None:
+    files = write_series(tmp_path / "series", slices=8, gap=2.5)
+    full = load_image(tmp_path / "series")
+    files[3].unlink()
+    # GDCM alone would give 7 slices at 17.5/6 = 2.917 mm: every position after the gap wrong.
+    err = fails(tmp_path, predict_args(model_dir, tmp_path / "series", tmp_path / "seg.nii.gz"), capsys,
+                files[4], "irregular DICOM series", "--allow-irregular")
+    assert "slice gap of 5.000 mm" in err and "2.500 mm" in err
+    assert not (tmp_path / "seg.nii.gz").exists()
+    with pytest.warns(UserWarning, match="resampled"):
+        resampled = load_image(tmp_path / "series", allow_irregular=True)
+    assert resampled.array.shape == full.array.shape
+    np.testing.assert_allclose(resampled.affine, full.affine, atol=1e-6)
+    truth = full.array.astype(np.float32)
+    np.testing.assert_array_equal(resampled.array[..., [0, 1, 2, 4, 5, 6, 7]], truth[..., [0, 1, 2, 4, 5, 6, 7]])
+    np.testing.assert_allclose(resampled.array[..., 3], (truth[..., 2] + truth[..., 4]) / 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(predict_args(model_dir, tmp_path / "series", tmp_path / "seg.nii.gz", "--allow-irregular"))
+    assert code == 0
+    assert load_image(tmp_path / "seg.nii.gz").array.shape == (18, 20, 8)
+
+
+def test_dicom_uneven_gaps_resampled_by_position(tmp_path: Path) -> None:
+    """Positions 0, 2, 4, 7, 9 (median gap 2): 5 slices over 9 mm -> 5 slices at 2.25 mm."""
+    write_series(tmp_path / "s", positions=[0.0, 2.0, 4.0, 7.0, 9.0])
+    with pytest.raises(DataError, match=r"slice003\.dcm: slice gap of 3\.000 mm"):
+        load_image(tmp_path / "s")
+    with pytest.warns(UserWarning):
+        image = load_image(tmp_path / "s", allow_irregular=True)
+    assert image.spacing[2] == pytest.approx(2.25)
+    assert image.affine[2, 3] == pytest.approx(0.0)
+    import pydicom
+
+    raw = [pydicom.dcmread(str(tmp_path / "s" / f"slice{k:03d}.dcm")).pixel_array.T.astype(np.float32)
+           for k in range(5)]
+    # z = 6.75 mm lies between the slices at 4 and 7 mm, 11/12 of the way to the upper one.
+    np.testing.assert_allclose(image.array[..., 3], raw[2] / 12 + raw[3] * 11 / 12, rtol=1e-5)
+    np.testing.assert_allclose(image.array[..., 1], raw[1] * 0.875 + raw[2] * 0.125, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("random", "not a DICOM file"),
+        ("empty", "not a DICOM file"),
+        ("truncated", "truncated"),
+        ("header_only", "truncated"),
+        ("text", "not a DICOM file"),
+        ("duplicate", "duplicate slices"),
+        ("orientation", "ImageOrientationPatient"),
+        ("matrix", "pixels, but"),
+        ("spacing", "PixelSpacing"),
+    ],
+)
+def test_damaged_dicom_series_is_refused(model_dir: Path, tmp_path: Path, capsys, damage: str,
+                                         message: str) -> None:
+    import pydicom
+
+    folder = tmp_path / "my series"
+    files = write_series(folder, slices=6)
+    victim = files[2]
+    if damage == "random":
+        victim.write_bytes(np.random.default_rng(0).integers(0, 256, victim.stat().st_size, np.uint8).tobytes())
+    elif damage == "empty":
+        victim.write_bytes(b"")
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-100])
+    elif damage == "header_only":
+        victim.write_bytes(victim.read_bytes()[:300])
+    elif damage == "text":
+        victim = folder / "notes.txt"
+        victim.write_text("series notes")
+    elif damage == "duplicate":
+        victim = folder / "slice999.dcm"
+        shutil.copy(files[2], victim)
+    else:
+        ds = pydicom.dcmread(str(victim))
+        if damage == "orientation":
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9950042, 0.0998334]
+        elif damage == "matrix":
+            ds.Rows = 10
+            ds.PixelData = ds.PixelData[: 10 * ds.Columns * 2]
+        else:
+            ds.PixelSpacing = [1.0, 1.0]
+        ds.save_as(str(victim))
+    for extra in ((), ("--allow-irregular",)):  # integrity problems are never resampled away
+        err = fails(tmp_path, predict_args(model_dir, folder, tmp_path / "seg.nii.gz", *extra), capsys, victim)
+        assert message in err
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_dicomdir_and_hidden_files_are_ignored(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", slices=4)
+    (tmp_path / "s" / "DICOMDIR").write_bytes(b"media index")
+    (tmp_path / "s" / ".DS_Store").write_bytes(b"finder")
+    assert load_image(tmp_path / "s").array.shape == (18, 20, 4)
+
+
+@pytest.mark.realmini
+def test_realmini_series_with_a_missing_slice(realmini_root: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "dicom"
+    shutil.copytree(realmini_root / "dicom_ct_example" / "dicom", folder)
+    victim = sorted(folder.iterdir())[9]
+    victim.unlink()
+    with pytest.raises(DataError, match=r"slice gap of 4\.000 mm") as info:
+        load_image(folder)
+    assert "1 missing slice" in str(info.value)
+    with pytest.warns(UserWarning):
+        image = load_image(folder, allow_irregular=True)
+    assert image.array.shape == (512, 512, 20)
+    assert image.spacing == pytest.approx((0.9766, 0.9766, 2.0), abs=1e-3)
