@@ -8,6 +8,7 @@ existed before the run changed (every file under the test folder hashed before a
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import pytest
 from inference_helpers import make_model_dir
 
 from hermes.cli import main
-from hermes.data.imageio import load_image
+from hermes.data.imageio import load_image, save_image
 from hermes.errors import DataError
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -246,3 +247,115 @@ def test_realmini_series_with_a_missing_slice(realmini_root: Path, tmp_path: Pat
         image = load_image(folder, allow_irregular=True)
     assert image.array.shape == (512, 512, 20)
     assert image.spacing == pytest.approx((0.9766, 0.9766, 2.0), abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs are never replaced without --overwrite; label maps per case
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images Ts ü"  # spaces and unicode in every path
+    for case, seed in (("a", 0), ("b", 1)):
+        save_image(folder / f"{case}_0000.nii.gz", ct_volume(seed=seed), AFFINE)
+    return folder
+
+
+def test_predict_keeps_a_foreign_dataset_json(model_dir: Path, images: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"name": "my dataset", "labels": {"background": 0, "liver": 1, "spleen": 2}, "file_ending": ".nii.gz"}
+    (out / "dataset.json").write_text(json.dumps(mine))
+    err = fails(tmp_path, predict_args(model_dir, images, out, "--tasks", "CTSet/kidney"), capsys,
+                out / "dataset.json", "--overwrite")
+    assert "left unchanged" in err
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json"]  # stopped before writing a case
+    assert main(predict_args(model_dir, images, out, "--tasks", "CTSet/kidney", "--overwrite")) == 0
+    assert json.loads((out / "dataset.json").read_text())["labels"] == {"background": 0, "CTSet/kidney": 1}
+
+
+def test_predict_into_a_folder_of_earlier_predictions(model_dir: Path, images: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    out = tmp_path / "out"
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy(images / "a_0000.nii.gz", first / "a_0000.nii.gz")
+    assert main(predict_args(model_dir, first, out, "--tasks", "liver", "kidney")) == 0
+    assert json.loads((out / "a.json").read_text())["labels"] == {"background": 0, "CTSet/liver": 1,
+                                                                  "CTSet/kidney": 2}
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copy(images / "b_0000.nii.gz", second / "b_0000.nii.gz")
+    # Same tasks, same map: dataset.json stays as it is and b is added.
+    assert main(predict_args(model_dir, second, out, "--tasks", "liver", "kidney")) == 0
+    # Swapped task order: the folder's dataset.json would be wrong for a; refused.
+    (out / "b.nii.gz").unlink()
+    (out / "b.json").unlink()
+    fails(tmp_path, predict_args(model_dir, second, out, "--tasks", "kidney", "liver"), capsys, out / "dataset.json")
+    assert not (out / "b.nii.gz").exists()
+    # A stray sidecar counts as an output too.
+    (out / "b.json").write_text("{}")
+    fails(tmp_path, predict_args(model_dir, second, out, "--tasks", "liver", "kidney"), capsys, out / "b.json")
+
+
+def write_reference(root: Path, ref_values: Sequence[int] = (1, 2)) -> tuple[Path, Path]:
+    """Dataset101_Toy with labelsTs/c1 holding ``ref_values`` (dataset.json: liver 1, spleen 2)."""
+    dataset = root / "Dataset101_Toy"
+    (dataset / "labelsTs").mkdir(parents=True)
+    (dataset / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2},
+        "numTraining": 0, "file_ending": ".nii.gz"}))
+    label = np.zeros((12, 10, 8), np.int16 if min(ref_values) < 0 else np.uint8)
+    for k, value in enumerate(ref_values):
+        label[2 + 4 * k : 5 + 4 * k, 2:8, 2:6] = value
+    save_image(dataset / "labelsTs" / "c1.nii.gz", label, AFFINE)
+    return dataset, dataset / "labelsTs" / "c1.nii.gz"
+
+
+def test_evaluate_uses_each_case_label_map(tmp_path: Path) -> None:
+    _, ref = write_reference(tmp_path)
+    pred = tmp_path / "pred"
+    label = load_image(ref).array
+    swapped = np.where(label == 1, 2, np.where(label == 2, 1, 0)).astype(np.uint8)
+    save_image(pred / "c1.nii.gz", swapped, AFFINE)
+    (pred / "c1.json").write_text(json.dumps({"labels": {"background": 0, "Toy/spleen": 1, "Toy/liver": 2}}))
+    # A stale folder-level map (another run's task order): the case's own map wins.
+    (pred / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "Toy/liver": 1, "Toy/spleen": 2}}))
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref.parent), "--quiet", "--workers", "1",
+                 "--bootstrap", "10"]) == 0
+    summary = json.loads((pred / "evaluation" / "summary.json").read_text())
+    tasks = summary["datasets"]["Dataset101_Toy"]["tasks"]
+    assert tasks["liver"]["dice"]["mean"] == 1.0 and tasks["spleen"]["dice"]["mean"] == 1.0
+
+
+def test_evaluate_refuses_to_replace_results(tmp_path: Path, capsys) -> None:
+    _, ref = write_reference(tmp_path)
+    pred = tmp_path / "pred"
+    save_image(pred / "c1.nii.gz", load_image(ref).array, AFFINE)
+    args = ["evaluate", "--pred", str(pred), "--ref", str(ref.parent), "-o", str(tmp_path / "res"), "--quiet",
+            "--workers", "1", "--bootstrap", "10"]
+    assert main(args) == 0
+    fails(tmp_path, args, capsys, tmp_path / "res", "--overwrite", "metrics.csv")
+    before = (tmp_path / "res" / "summary.json").stat().st_mtime_ns
+    assert main([*args, "--overwrite"]) == 0
+    assert (tmp_path / "res" / "summary.json").stat().st_mtime_ns != before
+
+
+@pytest.mark.parametrize(
+    "where, values, bad",
+    [("ref", (1, 3), "3"), ("pred", (1, 7), "7"), ("pred", (1, -1), "-1"), ("ref", (-2, 1), "-2")],
+)
+def test_evaluate_refuses_undeclared_label_values(tmp_path: Path, capsys, where: str, values: tuple[int, ...],
+                                                  bad: str) -> None:
+    _, ref = write_reference(tmp_path, values if where == "ref" else (1, 2))
+    pred = tmp_path / "pred"
+    pred_array = load_image(ref).array.astype(np.int16)
+    if where == "pred":
+        pred_array = np.zeros_like(pred_array)
+        pred_array[2:5, 2:8, 2:6], pred_array[6:9, 2:8, 2:6] = values
+    save_image(pred / "c1.nii.gz", pred_array, AFFINE)
+    args = ["evaluate", "--pred", str(pred), "--ref", str(ref.parent), "--quiet", "--workers", "1",
+            "--bootstrap", "10"]
+    offending = ref if where == "ref" else pred / "c1.nii.gz"
+    err = fails(tmp_path, args, capsys, offending, f"label value(s) {bad} not declared", "--ignore-undeclared")
+    assert ("dataset.json" in err) if where == "ref" else ("reference's label map" in err)
+    assert main([*args, "--ignore-undeclared"]) == 0

@@ -45,18 +45,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = parser.add_argument_group("output")
     common.add_argument("-o", "--out", type=Path, help="output folder (default: PRED/evaluation or MODEL/evaluation_SPLIT)")
     common.add_argument("--report", action="store_true", help="also write a self-contained report.html")
+    common.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation in OUT")
     common.add_argument("--nsd-tolerance", type=float, default=None,
                         help=f"NSD tolerance in mm (default {defaults.nsd_tolerance_mm})")
     common.add_argument("--workers", type=int, default=None, help=f"scoring processes (default {defaults.workers})")
     common.add_argument("--bootstrap", type=int, default=None,
                         help=f"bootstrap resamples for the CIs (default {defaults.bootstrap_samples})")
+    common.add_argument(
+        "--ignore-undeclared", action="store_true",
+        help="score label values that the label maps do not declare as background (default: refuse them)",
+    )
     common.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     from hermes.config import InferenceConfig
     from hermes.errors import ConfigError
-    from hermes.evaluation.evaluate import evaluate_folders, evaluate_model, write_outputs
+    from hermes.evaluation.evaluate import (
+        check_results_absent,
+        evaluate_folders,
+        evaluate_model,
+        write_outputs,
+    )
 
     overrides = {
         k: v
@@ -77,21 +87,24 @@ def run(args: argparse.Namespace) -> int:
         pred_labels = args.pred_labels
         if pred_labels is None and (args.pred / "dataset.json").is_file():
             pred_labels = args.pred / "dataset.json"
+        out = args.out or args.pred / "evaluation"
+        check_results_absent(out, args.overwrite)
         result = evaluate_folders(
             args.pred, args.ref, labels=args.labels, pred_labels=pred_labels, dataset=args.dataset,
             images_dir=args.images, config=config, overlays=args.report, progress=not args.quiet,
+            case_label_maps=args.pred_labels is None, ignore_undeclared=args.ignore_undeclared,
         )
-        out = args.out or args.pred / "evaluation"
         title = f"Evaluation of {args.pred}"
     else:
         chosen = {"output": args.output_type, "precision": args.precision, "overlap": args.overlap}
         inference = InferenceConfig(mirror_tta=args.tta, **{k: v for k, v in chosen.items() if v is not None})
         out = args.out or args.model / f"evaluation_{args.split}"
+        check_results_absent(out, args.overwrite)
         result = evaluate_model(
             args.model, args.catalog, split=args.split, datasets=args.datasets, inference=inference, config=config,
             device=None if args.device == "auto" else args.device, detect_modality=args.detect_modality,
             overlays=args.report, save_predictions=out / "predictions" if args.save_predictions else None,
-            progress=not args.quiet, max_cases=args.max_cases,
+            progress=not args.quiet, max_cases=args.max_cases, ignore_undeclared=args.ignore_undeclared,
         )
         title = f"Evaluation of {args.model} ({args.split} split)"
     write_outputs(result, out, report=args.report, title=title, report_cases=config.report_cases)
