@@ -359,3 +359,62 @@ def test_evaluate_refuses_undeclared_label_values(tmp_path: Path, capsys, where:
     err = fails(tmp_path, args, capsys, offending, f"label value(s) {bad} not declared", "--ignore-undeclared")
     assert ("dataset.json" in err) if where == "ref" else ("reference's label map" in err)
     assert main([*args, "--ignore-undeclared"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Numeric arguments: checked at parse time, ranges in --help
+# ----------------------------------------------------------------------------------------------
+def test_every_numeric_option_is_range_checked() -> None:
+    """No subcommand takes a bare int/float: each numeric option has a hermes.cli_args range."""
+    import argparse
+
+    from hermes.cli import COMMANDS, build_parser
+    from hermes.cli_args import NumberRange
+
+    checked = 0
+    for name in COMMANDS:
+        parser = build_parser(name)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        for action in sub.choices[name]._actions:
+            assert action.type not in (int, float), f"hermes {name} {action.option_strings}: bare {action.type}"
+            if isinstance(action.type, NumberRange):
+                checked += 1
+                assert str(action.type) in (action.help or ""), f"{name} {action.option_strings}: range not in help"
+    assert checked >= 25
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["predict", "--threshold", "1.5"], "--threshold"),
+        (["predict", "--threshold", "0"], "--threshold"),
+        (["predict", "--threshold", "nan"], "--threshold"),
+        (["predict", "--overlap", "1.0"], "--overlap"),
+        (["predict", "--overlap", "-0.5"], "--overlap"),
+        (["predict", "--window-batch-size", "0"], "--window-batch-size"),
+        (["predict", "--window-batch-size", "2.5"], "--window-batch-size"),
+        (["evaluate", "--workers", "0"], "--workers"),
+        (["evaluate", "--bootstrap", "-1"], "--bootstrap"),
+        (["evaluate", "--nsd-tolerance", "0"], "--nsd-tolerance"),
+        (["evaluate", "--overlap", "1"], "--overlap"),
+        (["evaluate", "--max-cases", "0"], "--max-cases"),
+        (["cohort", "--scale", "0"], "--scale"),
+        (["cohort", "--cases", "0"], "--cases"),
+        (["cohort", "--test-cases", "-1"], "--test-cases"),
+        (["cohort", "--seed", "-3"], "--seed"),
+        (["train", "cfg.yaml", "--steps", "0"], "--steps"),
+        (["train", "cfg.yaml", "--extend-steps", "-5"], "--extend-steps"),
+        (["prepare", "catalog.yaml", "--workers", "0"], "--workers"),
+        (["demo", "--steps", "0"], "--steps"),
+        (["finetune", "--lr=-1e-3"], "--lr"),
+        (["finetune", "--lr", "0"], "--lr"),
+        (["finetune", "--batch-size", "0"], "--batch-size"),
+        (["extend", "--distill-weight", "-1"], "--distill-weight"),
+        (["extend", "--rehearsal-cases", "-1"], "--rehearsal-cases"),
+        (["priors", "--cases", "0"], "--cases"),
+    ],
+)
+def test_bad_numbers_stop_at_parse_time(tmp_path: Path, capsys, argv: list[str], option: str) -> None:
+    (tmp_path / "keep.txt").write_text("x")
+    err = fails(tmp_path, argv, capsys, option)
+    assert "out of range" in err or "is not" in err

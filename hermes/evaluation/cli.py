@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hermes.cli_args import FRACTION, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from hermes.config import EvaluationConfig
 
 
@@ -38,19 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="auto", help="cpu, cuda or auto")
     model.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                        help="autocast precision of the sliding window (default auto: bf16 where native)")
-    model.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.5)")
+    model.add_argument("--overlap", type=FRACTION, default=None, help=f"sliding-window overlap, {FRACTION} (default 0.5)")
     model.add_argument("--save-predictions", action="store_true", help="also write OUT/predictions/<dataset>/CASE.nii.gz")
-    model.add_argument("--max-cases", type=int, default=None, help="at most this many cases per dataset (quick checks)")
+    model.add_argument("--max-cases", type=POSITIVE_INT, default=None,
+                       help=f"at most this many cases per dataset, {POSITIVE_INT} (quick checks)")
 
     common = parser.add_argument_group("output")
     common.add_argument("-o", "--out", type=Path, help="output folder (default: PRED/evaluation or MODEL/evaluation_SPLIT)")
     common.add_argument("--report", action="store_true", help="also write a self-contained report.html")
     common.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation in OUT")
-    common.add_argument("--nsd-tolerance", type=float, default=None,
-                        help=f"NSD tolerance in mm (default {defaults.nsd_tolerance_mm})")
-    common.add_argument("--workers", type=int, default=None, help=f"scoring processes (default {defaults.workers})")
-    common.add_argument("--bootstrap", type=int, default=None,
-                        help=f"bootstrap resamples for the CIs (default {defaults.bootstrap_samples})")
+    common.add_argument("--nsd-tolerance", type=POSITIVE_FLOAT, default=None,
+                        help=f"NSD tolerance in mm, {POSITIVE_FLOAT} (default {defaults.nsd_tolerance_mm})")
+    common.add_argument("--workers", type=POSITIVE_INT, default=None,
+                        help=f"scoring processes, {POSITIVE_INT} (default {defaults.workers})")
+    common.add_argument("--bootstrap", type=NON_NEGATIVE_INT, default=None,
+                        help=f"bootstrap resamples for the CIs, {NON_NEGATIVE_INT} (default {defaults.bootstrap_samples})")
     common.add_argument(
         "--ignore-undeclared", action="store_true",
         help="score label values that the label maps do not declare as background (default: refuse them)",
