@@ -418,3 +418,36 @@ def test_bad_numbers_stop_at_parse_time(tmp_path: Path, capsys, argv: list[str],
     (tmp_path / "keep.txt").write_text("x")
     err = fails(tmp_path, argv, capsys, option)
     assert "out of range" in err or "is not" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Cohort and catalog outputs
+# ----------------------------------------------------------------------------------------------
+def test_cohort_refuses_to_replace_another_seed(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "co hort"
+    args = ["cohort", "--out", str(out), "--scale", "0.25", "--datasets", "106", "--cases", "1", "--test-cases", "0",
+            "--quiet"]
+    assert main([*args, "--seed", "3"]) == 0
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    assert main([*args, "--seed", "3"]) == 0  # same parameters: reused, nothing rewritten
+    err = fails(tmp_path, [*args, "--seed", "4"], capsys, folder, "seed 3 -> 4", "--overwrite")
+    assert "other parameters" in err
+    assert main([*args, "--seed", "4", "--overwrite"]) == 0
+    assert json.loads((folder / "dataset.json").read_text())["hermes_synthetic"]["seed"] == 4
+
+
+def test_catalog_init_output_paths_relative_to_the_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    from hermes.data.catalog import load_catalog
+
+    dataset, _ = write_reference(tmp_path / "data")
+    save_image(dataset / "imagesTs" / "c1_0000.nii.gz", ct_volume((12, 10, 8)), AFFINE)
+    monkeypatch.chdir(tmp_path)
+    target = Path("sub") / "catalog.yaml"
+    assert main(["catalog", "init", "data/Dataset101_Toy", "-o", str(target)]) == 0
+    assert "path: ../data/Dataset101_Toy" in target.read_text()
+    monkeypatch.chdir(tmp_path / "sub")  # read from elsewhere: the paths still resolve
+    catalog = load_catalog("catalog.yaml")
+    assert catalog.datasets[0].path.resolve() == dataset.resolve()
+    monkeypatch.chdir(tmp_path)
+    fails(tmp_path, ["catalog", "init", "data/Dataset101_Toy", "-o", str(target)], capsys, target, "--overwrite")
+    assert main(["catalog", "init", "data/Dataset101_Toy", "-o", str(target), "--overwrite"]) == 0

@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--preview", action="store_true", help="also write OUT/previews/<dataset>.png (slices + labels)")
     parser.add_argument("--list", action="store_true", help="describe the datasets without generating anything")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace dataset folders under --out generated with other parameters (default: refuse; folders "
+        "generated with the same parameters are reused)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         test_cases=args.test_cases,
         preview=args.preview,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     elapsed = time.perf_counter() - start
     print(describe_cohort(folders))
