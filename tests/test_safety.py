@@ -451,3 +451,131 @@ def test_catalog_init_output_paths_relative_to_the_file(tmp_path: Path, capsys, 
     monkeypatch.chdir(tmp_path)
     fails(tmp_path, ["catalog", "init", "data/Dataset101_Toy", "-o", str(target)], capsys, target, "--overwrite")
     assert main(["catalog", "init", "data/Dataset101_Toy", "-o", str(target), "--overwrite"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases that were already handled: kept as regressions
+# ----------------------------------------------------------------------------------------------
+def write_train_dataset(root: Path, damage: str) -> tuple[Path, Path]:
+    """A two-case training dataset (c2 damaged as ``damage``) and a catalog listing it."""
+    dataset = root / "raw data é" / "Dataset102_BadToy"  # spaces/unicode in the path (not the name)
+    (dataset / "imagesTr").mkdir(parents=True)
+    (dataset / "labelsTr").mkdir()
+    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "numTraining": 2,
+            "file_ending": ".nii.gz"}
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    for case in ("c1", "c2"):
+        image = ct_volume((16, 14, 12)).astype(np.float32)
+        label = np.zeros((16, 14, 12), np.uint8)
+        label[4:10, 4:10, 4:8] = 1
+        label_affine = AFFINE
+        if case == "c2":
+            if damage == "label_shape":
+                label = label[:, :, :10]
+            elif damage == "label_affine":
+                label_affine = np.diag([2.0, 2.0, 3.0, 1.0])
+            elif damage == "label_value":
+                label[0, 0, 0] = 5
+            elif damage == "inf_image":
+                image[1, 1, 1] = np.inf
+        save_image(dataset / "imagesTr" / f"{case}_0000.nii.gz", image, AFFINE)
+        save_image(dataset / "labelsTr" / f"{case}.nii.gz", label, label_affine)
+    image_c2 = dataset / "imagesTr" / "c2_0000.nii.gz"
+    if damage == "zero_byte":
+        image_c2.write_bytes(b"")
+    elif damage == "text":
+        image_c2.write_text("this is not an image")
+    elif damage == "truncated":
+        image_c2.write_bytes(image_c2.read_bytes()[:200])
+    elif damage == "json_syntax":
+        (dataset / "dataset.json").write_text("{not json")
+    elif damage == "json_labels":
+        (dataset / "dataset.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "labels"}))
+    elif damage == "missing_label":
+        (dataset / "labelsTr" / "c2.nii.gz").unlink()
+    catalog = root / "catalog.yaml"
+    catalog.write_text(f"datasets:\n  - path: '{dataset}'\n")
+    return dataset, catalog
+
+
+@pytest.mark.parametrize(
+    "damage, culprit, message",
+    [
+        ("label_shape", "labelsTr/c2.nii.gz", "label shape"),
+        ("label_affine", "labelsTr/c2.nii.gz", "label affine differs"),
+        ("label_value", "labelsTr/c2.nii.gz", "label values [5]"),
+        ("inf_image", "imagesTr/c2_0000.nii.gz", "NaN or infinite"),
+        ("zero_byte", "imagesTr/c2_0000.nii.gz", "corrupt"),
+        ("text", "imagesTr/c2_0000.nii.gz", "corrupt"),
+        ("truncated", "imagesTr/c2_0000.nii.gz", "corrupt"),
+        ("json_syntax", "dataset.json", "not valid JSON"),
+        ("json_labels", "dataset.json", "'labels'"),
+        ("missing_label", "imagesTr/c2_0000.nii.gz", "without a label"),
+    ],
+)
+def test_prepare_refuses_bad_datasets(tmp_path: Path, capsys, damage: str, culprit: str, message: str) -> None:
+    dataset, catalog = write_train_dataset(tmp_path, damage)
+    err = fails(tmp_path, ["prepare", catalog, "--out", tmp_path / "cache", "--quiet", "--workers", "1"], capsys,
+                dataset / culprit, message)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["missing", "zero_byte", "text", "truncated", "nan", "inf", "flat_2d", "five_d"])
+def test_predict_refuses_bad_images(model_dir: Path, tmp_path: Path, capsys, damage: str) -> None:
+    image = tmp_path / "in put ü" / "case_0000.nii.gz"
+    array = ct_volume().astype(np.float32)
+    if damage == "nan":
+        array[3, 3, 3] = np.nan
+    elif damage == "inf":
+        array[3, 3, 3] = -np.inf
+    elif damage == "flat_2d":
+        array = array[:, :, :1]
+    elif damage == "five_d":
+        array = np.zeros((6, 6, 6, 2, 2), np.float32)
+    if damage != "missing":
+        import nibabel as nib
+
+        image.parent.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(array, AFFINE), str(image))
+    if damage == "zero_byte":
+        image.write_bytes(b"")
+    elif damage == "text":
+        image.write_text("definitely not gzip")
+    elif damage == "truncated":
+        image.write_bytes(image.read_bytes()[:-500])
+    else:
+        (tmp_path / "keep.txt").write_text("x")
+    fails(tmp_path, predict_args(model_dir, image, tmp_path / "seg.nii.gz"), capsys, image)
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that a file was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (Path(self.marker), "unpickled!"))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("where", ["weights", "torch_checkpoint"])
+def test_pickled_model_files_are_never_unpickled(model_dir: Path, tmp_path: Path, capsys, where: str) -> None:
+    import pickle
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    marker = tmp_path / "UNPICKLED"
+    payload = pickle.dumps({"state_dict": _Payload(marker)})
+    if where == "weights":
+        culprit = model / "weights.safetensors"
+        culprit.write_bytes(payload)
+    else:  # a PyTorch-style checkpoint instead of the safetensors file
+        (model / "weights.safetensors").unlink()
+        (model / "model.pt").write_bytes(payload)
+        culprit = model
+    image = save_image(tmp_path / "ct.nii.gz", ct_volume(), AFFINE)
+    fails(tmp_path, predict_args(model_dir.parent / "nonexistent", image, tmp_path / "x.nii.gz"), capsys,
+          model_dir.parent / "nonexistent")
+    fails(tmp_path, predict_args(model, image, tmp_path / "seg.nii.gz"), capsys, culprit)
+    assert not marker.exists()
