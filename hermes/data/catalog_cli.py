@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="write dataset paths relative to this folder, where the catalog will live (default: the -o file's "
-        "folder, else .); paths outside it stay absolute",
+        "folder, else .), with .. where needed",
     )
 
 
