@@ -579,3 +579,17 @@ def test_pickled_model_files_are_never_unpickled(model_dir: Path, tmp_path: Path
           model_dir.parent / "nonexistent")
     fails(tmp_path, predict_args(model, image, tmp_path / "seg.nii.gz"), capsys, culprit)
     assert not marker.exists()
+
+
+def test_evaluate_model_refuses_undeclared_reference_values(tmp_path: Path, capsys) -> None:
+    dataset, ref = write_reference(tmp_path / "raw", (1, 3))
+    save_image(dataset / "imagesTs" / "c1_0000.nii.gz", ct_volume((12, 10, 8)), AFFINE)
+    save_image(dataset / "imagesTr" / "c0_0000.nii.gz", ct_volume((12, 10, 8)), AFFINE)
+    save_image(dataset / "labelsTr" / "c0.nii.gz", np.zeros((12, 10, 8), np.uint8), AFFINE)
+    meta = json.loads((dataset / "dataset.json").read_text())
+    (dataset / "dataset.json").write_text(json.dumps({**meta, "numTraining": 1}))
+    model = make_model_dir(tmp_path / "model", datasets=(("Toy", "CT", ("liver", "spleen"), dataset),))
+    args = ["evaluate", "-m", model, "--quiet", "--workers", "1", "--bootstrap", "10", "--device", "cpu",
+            "--overlap", "0"]
+    fails(tmp_path, args, capsys, ref, "label value(s) 3 not declared", "dataset.json")
+    assert main([str(a) for a in args] + ["--ignore-undeclared"]) == 0
