@@ -58,6 +58,7 @@ class NumberRange:
         return self._noun()
 
 
+FINITE_FLOAT = NumberRange(float)  # any number but NaN/inf
 POSITIVE_INT = NumberRange(int, low=1)
 NON_NEGATIVE_INT = NumberRange(int, low=0)
 POSITIVE_FLOAT = NumberRange(float, low=0, low_open=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hermes.adaptation.cli_common import add_common_arguments, build_config, setup_logging
-from hermes.cli_args import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
+from hermes.cli_args import FINITE_FLOAT, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--distill-loss", choices=["mse", "bce"], help="distillation loss (default mse)")
     parser.add_argument(
-        "--tolerance", type=NON_NEGATIVE_FLOAT,
-        help=f"max allowed drop of any old task's mean Dice, in points, {NON_NEGATIVE_FLOAT} (default 2)",
+        "--tolerance", type=FINITE_FLOAT,
+        help=f"max allowed drop of any old task's mean Dice, in points, {FINITE_FLOAT} (negative: demand a gain; "
+        "default 2)",
     )
     parser.add_argument(
         "--gate-max-cases", type=POSITIVE_INT, help=f"test cases per old dataset scored by the gate, {POSITIVE_INT}"
