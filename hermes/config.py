@@ -282,14 +282,18 @@ class TrainConfig(Strict):
 # Inference and evaluation
 # --------------------------------------------------------------------------------------------
 class InferenceConfig(Strict):
-    overlap: float = 0.5
-    window_batch_size: int = 2
+    # Ranges also checked here for API users (the CLI checks them at parse time).
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    window_batch_size: int = Field(2, ge=1)
     blend: Literal["gaussian", "constant"] = "gaussian"
     mirror_tta: bool = False
-    threshold: float = 0.5
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Overlapping task masks in the multi-label output: the most probable task wins.
     output: Literal["multilabel", "binary"] = "multilabel"
+    # A DICOM series with uneven slice gaps (a missing slice) is refused unless this is set;
+    # then it is resampled onto a regular grid from its true positions (hermes/data/dicom.py).
+    allow_irregular_dicom: bool = False
 
 
 class EvaluationConfig(Strict):

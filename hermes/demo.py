@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from hermes.cli_args import NON_NEGATIVE_INT, POSITIVE_INT
 from hermes.fileio import atomic_write_text
 
 
@@ -116,8 +117,10 @@ def run_demo(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
-    parser.add_argument("--seed", type=int, default=0, help="cohort and training seed")
-    parser.add_argument("--steps", type=int, help="training steps (default: the cpu-demo preset's)")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help=f"cohort and training seed, {NON_NEGATIVE_INT}")
+    parser.add_argument(
+        "--steps", type=POSITIVE_INT, help=f"training steps, {POSITIVE_INT} (default: the cpu-demo preset's)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

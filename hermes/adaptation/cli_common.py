@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from hermes.cli_args import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from hermes.config import deep_merge, read_yaml, validate
 from hermes.errors import ConfigError
 
@@ -30,9 +31,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, output_required: bool)
         help="output model directory" + ("" if output_required else " (default: replace the base model)"),
     )
     parser.add_argument("--config", type=Path, help="YAML with any option (flags override it)")
-    parser.add_argument("--steps", type=int, help="optimiser steps (default 300)")
-    parser.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    parser.add_argument("--batch-size", type=int, help="samples per batch (default: data.batch_size)")
+    parser.add_argument("--steps", type=POSITIVE_INT, help=f"optimiser steps, {POSITIVE_INT} (default 300)")
+    parser.add_argument("--lr", type=POSITIVE_FLOAT, help=f"learning rate, {POSITIVE_FLOAT} (default 1e-3)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, help=f"samples per batch, {POSITIVE_INT} (default: data.batch_size)")
     parser.add_argument("--freeze", choices=["none", "backbone"], help="backbone: train only priors, fusion and heads")
     parser.add_argument(
         "--task-init", choices=["mean", "random", "copy"],
@@ -43,8 +44,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, output_required: bool)
         help="start new task NEW from existing task OLD's tokens (repeatable)",
     )
     parser.add_argument("--datasets", nargs="+", help="datasets of the new catalog to train on (default: all)")
-    parser.add_argument("--max-train-cases", type=int, help="few-shot: at most N training cases per dataset")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--max-train-cases", type=POSITIVE_INT, help=f"few-shot: at most N training cases per dataset, N {POSITIVE_INT}"
+    )
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, help=f"random seed, {NON_NEGATIVE_INT}")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

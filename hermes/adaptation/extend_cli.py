@@ -14,19 +14,33 @@ from pathlib import Path
 from typing import Any
 
 from hermes.adaptation.cli_common import add_common_arguments, build_config, setup_logging
+from hermes.cli_args import FINITE_FLOAT, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, output_required=False)
     parser.add_argument("--old-cache", dest="old_cache", type=Path, help="cache of the model's own datasets (rehearsal)")
-    parser.add_argument("--rehearsal-cases", type=int, help="old training cases kept per old dataset (default 4)")
-    parser.add_argument("--rehearsal-batch", type=int, help="old samples appended to every batch (default 1)")
-    parser.add_argument("--distill-weight", type=float, help="weight of the distillation term (default 1; 0: off)")
+    parser.add_argument(
+        "--rehearsal-cases", type=NON_NEGATIVE_INT,
+        help=f"old training cases kept per old dataset, {NON_NEGATIVE_INT} (default 4)",
+    )
+    parser.add_argument(
+        "--rehearsal-batch", type=NON_NEGATIVE_INT,
+        help=f"old samples appended to every batch, {NON_NEGATIVE_INT} (default 1)",
+    )
+    parser.add_argument(
+        "--distill-weight", type=NON_NEGATIVE_FLOAT,
+        help=f"weight of the distillation term, {NON_NEGATIVE_FLOAT} (default 1; 0: off)",
+    )
     parser.add_argument("--distill-loss", choices=["mse", "bce"], help="distillation loss (default mse)")
     parser.add_argument(
-        "--tolerance", type=float, help="max allowed drop of any old task's mean Dice, in points (default 2)"
+        "--tolerance", type=FINITE_FLOAT,
+        help=f"max allowed drop of any old task's mean Dice, in points, {FINITE_FLOAT} (negative: demand a gain; "
+        "default 2)",
     )
-    parser.add_argument("--gate-max-cases", type=int, help="test cases per old dataset scored by the gate")
+    parser.add_argument(
+        "--gate-max-cases", type=POSITIVE_INT, help=f"test cases per old dataset scored by the gate, {POSITIVE_INT}"
+    )
     parser.add_argument("--gate-datasets", nargs="+", help="old datasets scored by the gate (default: all with test cases)")
     parser.add_argument("--no-gate", action="store_true", help="skip the before/after evaluation (no protection)")
     parser.add_argument("--force", action="store_true", help="write the model even if the gate fails")

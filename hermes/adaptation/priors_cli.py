@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hermes.cli_args import POSITIVE_INT
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="saved model directory")
@@ -19,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache", type=Path,
         help="a prepared cache of the model's datasets: adds the posterior prototypes (mean over cached cases)",
     )
-    parser.add_argument("--cases", type=int, default=3, help="cached cases per dataset for the posteriors (default 3)")
+    parser.add_argument(
+        "--cases", type=POSITIVE_INT, default=3, help=f"cached cases per dataset for the posteriors, {POSITIVE_INT} (default 3)"
+    )
     parser.add_argument(
         "--order", choices=["catalog", "cluster"], default="catalog",
         help="heatmap row order: catalog order, or similar items together (hierarchical clustering)",

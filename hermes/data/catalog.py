@@ -31,7 +31,7 @@ unknown modality is ``M``.
 
 from __future__ import annotations
 
-import contextlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -553,8 +553,10 @@ def default_catalog_spec(folders: list[Path], relative_to: Path | None = None) -
         info = open_dataset(folder)
         path = folder.resolve()
         if relative_to is not None:
-            with contextlib.suppress(ValueError):
-                path = path.relative_to(relative_to.resolve())
+            base = relative_to.resolve()
+            # Relative (with '..' if needed) when both share a folder below '/', else absolute.
+            if os.path.commonpath([path, base]) != path.anchor:
+                path = Path(os.path.relpath(path, base))
         entry: dict[str, Any] = {"path": str(path)}
         if not info.train_cases():
             entry["test_only"] = True

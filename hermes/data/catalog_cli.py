@@ -1,4 +1,4 @@
-"""``hermes catalog show CATALOG`` and ``hermes catalog init DIR... > catalog.yaml``."""
+"""``hermes catalog show CATALOG`` and ``hermes catalog init DIR... -o catalog.yaml``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import yaml
 
 from hermes.data.annotation import TaskPresence, label_presence, presence_suggestions
 from hermes.data.catalog import Catalog, default_catalog_spec, load_catalog, share_candidates
+from hermes.errors import DataError
+from hermes.fileio import atomic_write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not read the training label maps (skips the per-task absent counts)",
     )
-    init = sub.add_parser("init", help="print a default catalog for dataset folders (redirect it to a file)")
+    init = sub.add_parser("init", help="write (-o) or print a default catalog for dataset folders")
     init.add_argument("folders", type=Path, nargs="+", help="nnU-Net v2 raw or MSD dataset folders")
+    init.add_argument(
+        "-o", "--output", type=Path,
+        help="catalog file to write; dataset paths are then relative to its folder (default: print to stdout, "
+        "paths relative to the current folder: redirect it to a file in the current folder, or use --relative-to)",
+    )
+    init.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     init.add_argument(
         "--relative-to",
         type=Path,
-        default=Path.cwd(),
-        help="write dataset paths relative to this folder, where the catalog will live (default: .)",
+        default=None,
+        help="write dataset paths relative to this folder, where the catalog will live (default: the -o file's "
+        "folder, else .), with .. where needed",
     )
 
 
@@ -118,11 +127,20 @@ def run(args: argparse.Namespace) -> int:
         presence = None if args.no_label_scan else label_presence(catalog, progress=sys.stderr.isatty())
         print(render(catalog, presence))
         return 0
-    spec = default_catalog_spec(list(args.folders), relative_to=args.relative_to)
-    sys.stdout.write(
+    output: Path | None = args.output
+    if output is not None and output.exists() and not args.overwrite:
+        raise DataError(f"{output}: exists; pass --overwrite to replace it")
+    relative_to = args.relative_to or (output.parent if output is not None else Path.cwd())
+    spec = default_catalog_spec(list(args.folders), relative_to=relative_to)
+    text = (
         "# Hermes catalog (docs/data.md). Paths are relative to this file's folder.\n"
         "# Optional per dataset: name, modality, labels, nested_tasks, tasks, test_only, absent_means, annotations.\n"
         "# Run `hermes catalog show` on this file for share candidates (shared_tasks).\n"
+        + yaml.safe_dump(spec, sort_keys=False)
     )
-    sys.stdout.write(yaml.safe_dump(spec, sort_keys=False))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(output, text)
+        print(f"wrote {output} ({len(spec['datasets'])} dataset(s))")
     return 0

@@ -18,6 +18,7 @@ import contextlib
 import gzip
 import os
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,9 +127,18 @@ def _sitk_to_image(sitk_image: object, path: Path) -> Image:
     return Image(array=array, affine=affine, path=path)
 
 
-def _read_dicom_series(path: Path) -> Image:
+def _read_dicom_series(path: Path, allow_irregular: bool = False) -> Image:
+    """A DICOM series folder, checked first by :func:`hermes.data.dicom.check_series`.
+
+    GDCM alone skips unreadable files and assumes even spacing; the check refuses a series with
+    a corrupt, truncated or missing slice (naming the file). ``allow_irregular`` resamples an
+    unevenly spaced series onto a regular grid instead of refusing it (with a warning).
+    """
     import SimpleITK as sitk
 
+    from hermes.data.dicom import check_series, resample_irregular
+
+    geometry = check_series(path)
     reader = sitk.ImageSeriesReader()
     try:
         series = reader.GetGDCMSeriesIDs(str(path))
@@ -142,14 +152,36 @@ def _read_dicom_series(path: Path) -> Image:
             "put each series in its own folder"
         )
     files = reader.GetGDCMSeriesFileNames(str(path), series[0])
-    if len(files) < 2:
-        raise DataError(f"{path}: the DICOM series has {len(files)} slice(s); Hermes needs 3D volumes")
+    skipped = sorted(set(geometry.files) - {Path(f) for f in files})
+    if skipped:
+        raise DataError(
+            f"{skipped[0]}: not read as part of the series by GDCM ({len(files)} of {len(geometry.files)} "
+            "slices read); a damaged or foreign slice"
+        )
+    if not geometry.regular:
+        if not allow_irregular:
+            raise DataError(
+                f"irregular DICOM series {path}: {geometry.problem}; pass --allow-irregular to resample it "
+                "onto a regular grid from its true slice positions"
+            )
+        files = [str(f) for f in geometry.files]  # sorted along the normal, as resampling expects
     reader.SetFileNames(files)
     try:
         img = reader.Execute()
     except RuntimeError as error:
         raise DataError(f"{path}: unreadable DICOM series: {error}") from None
-    return _sitk_to_image(img, path)
+    image = _sitk_to_image(img, path)
+    if geometry.regular:
+        return image
+    array, affine_lps = resample_irregular(image.array, geometry)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    warnings.warn(
+        f"WARNING: irregular DICOM series {path} resampled (--allow-irregular): {geometry.problem}; "
+        f"now {array.shape[2]} slices at {spacing_of(affine)[2]:.3f} mm, linearly interpolated along the "
+        "slice normal from the true positions",
+        stacklevel=3,
+    )
+    return Image(array=array, affine=affine, path=path)
 
 
 def _read_nifti(path: Path) -> Image:
@@ -194,12 +226,16 @@ def _validate(image: Image) -> Image:
     return image
 
 
-def load_image(path: str | Path) -> Image:
-    """Read a NIfTI / NRRD / MetaImage file or a DICOM series folder."""
+def load_image(path: str | Path, allow_irregular: bool = False) -> Image:
+    """Read a NIfTI / NRRD / MetaImage file or a DICOM series folder.
+
+    ``allow_irregular``: resample an unevenly spaced DICOM series (a missing slice) onto a
+    regular grid instead of refusing it (see :mod:`hermes.data.dicom`).
+    """
     path = Path(path)
     _check_exists(path)
     if _is_dicom_dir(path):
-        image = _read_dicom_series(path)
+        image = _read_dicom_series(path, allow_irregular)
     else:
         suffix = image_suffix(path)
         if suffix in NIFTI_SUFFIXES:

@@ -7,12 +7,15 @@ import logging
 import time
 from pathlib import Path
 
+from hermes.cli_args import POSITIVE_INT
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("catalog", type=Path, help="catalog YAML listing the datasets")
     parser.add_argument("--out", type=Path, required=True, help="cache folder (created; re-runs resume)")
     parser.add_argument(
-        "--workers", type=int, default=None, help="parallel processes (default: preprocessing.workers of the catalog)"
+        "--workers", type=POSITIVE_INT, default=None,
+        help=f"parallel processes, {POSITIVE_INT} (default: preprocessing.workers of the catalog)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

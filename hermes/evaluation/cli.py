@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hermes.cli_args import FRACTION, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from hermes.config import EvaluationConfig
 
 
@@ -47,18 +48,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="auto", help="cpu, cuda or auto")
     model.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                        help="autocast precision of the sliding window (default auto: bf16 where native)")
-    model.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.5)")
+    model.add_argument("--overlap", type=FRACTION, default=None, help=f"sliding-window overlap, {FRACTION} (default 0.5)")
     model.add_argument("--save-predictions", action="store_true", help="also write OUT/predictions/<dataset>/CASE.nii.gz")
-    model.add_argument("--max-cases", type=int, default=None, help="at most this many cases per dataset (quick checks)")
+    model.add_argument("--max-cases", type=POSITIVE_INT, default=None,
+                       help=f"at most this many cases per dataset, {POSITIVE_INT} (quick checks)")
 
     common = parser.add_argument_group("output")
     common.add_argument("-o", "--out", type=Path, help="output folder (default: PRED/evaluation or MODEL/evaluation_SPLIT)")
     common.add_argument("--report", action="store_true", help="also write a self-contained report.html")
-    common.add_argument("--nsd-tolerance", type=float, default=None,
-                        help=f"NSD tolerance in mm (default {defaults.nsd_tolerance_mm})")
-    common.add_argument("--workers", type=int, default=None, help=f"scoring processes (default {defaults.workers})")
-    common.add_argument("--bootstrap", type=int, default=None,
-                        help=f"bootstrap resamples for the CIs (default {defaults.bootstrap_samples})")
+    common.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation in OUT")
+    common.add_argument("--nsd-tolerance", type=POSITIVE_FLOAT, default=None,
+                        help=f"NSD tolerance in mm, {POSITIVE_FLOAT} (default {defaults.nsd_tolerance_mm})")
+    common.add_argument("--workers", type=POSITIVE_INT, default=None,
+                        help=f"scoring processes, {POSITIVE_INT} (default {defaults.workers})")
+    common.add_argument("--bootstrap", type=NON_NEGATIVE_INT, default=None,
+                        help=f"bootstrap resamples for the CIs, {NON_NEGATIVE_INT} (default {defaults.bootstrap_samples})")
+    common.add_argument(
+        "--ignore-undeclared", action="store_true",
+        help="score label values that the label maps do not declare as background (default: refuse them)",
+    )
     common.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -82,7 +90,12 @@ def _absent_means(items: list[str] | None) -> str | dict[str, str] | None:
 def run(args: argparse.Namespace) -> int:
     from hermes.config import InferenceConfig
     from hermes.errors import ConfigError
-    from hermes.evaluation.evaluate import evaluate_folders, evaluate_model, write_outputs
+    from hermes.evaluation.evaluate import (
+        check_results_absent,
+        evaluate_folders,
+        evaluate_model,
+        write_outputs,
+    )
 
     overrides = {
         k: v
@@ -103,22 +116,25 @@ def run(args: argparse.Namespace) -> int:
         pred_labels = args.pred_labels
         if pred_labels is None and (args.pred / "dataset.json").is_file():
             pred_labels = args.pred / "dataset.json"
+        out = args.out or args.pred / "evaluation"
+        check_results_absent(out, args.overwrite)
         result = evaluate_folders(
             args.pred, args.ref, labels=args.labels, pred_labels=pred_labels, dataset=args.dataset,
             images_dir=args.images, config=config, overlays=args.report, progress=not args.quiet,
             annotations=args.annotations, absent_means=_absent_means(args.absent_means),
+            case_label_maps=args.pred_labels is None, ignore_undeclared=args.ignore_undeclared,
         )
-        out = args.out or args.pred / "evaluation"
         title = f"Evaluation of {args.pred}"
     else:
         chosen = {"output": args.output_type, "precision": args.precision, "overlap": args.overlap}
         inference = InferenceConfig(mirror_tta=args.tta, **{k: v for k, v in chosen.items() if v is not None})
         out = args.out or args.model / f"evaluation_{args.split}"
+        check_results_absent(out, args.overwrite)
         result = evaluate_model(
             args.model, args.catalog, split=args.split, datasets=args.datasets, inference=inference, config=config,
             device=None if args.device == "auto" else args.device, detect_modality=args.detect_modality,
             overlays=args.report, save_predictions=out / "predictions" if args.save_predictions else None,
-            progress=not args.quiet, max_cases=args.max_cases,
+            progress=not args.quiet, max_cases=args.max_cases, ignore_undeclared=args.ignore_undeclared,
         )
         title = f"Evaluation of {args.model} ({args.split} split)"
     write_outputs(result, out, report=args.report, title=title, report_cases=config.report_cases)

@@ -321,6 +321,27 @@ class CaseJob:
     want_overlay: bool
     explicit: tuple[int, ...] | None = None  # annotated reference values (sidecar/table), None: the rule
     absent_unannotated: tuple[int, ...] = ()
+    # Label values each file may hold (0 included) and where they are declared; None: not checked.
+    ref_declared: tuple[tuple[int, ...], str] | None = None
+    pred_declared: tuple[tuple[int, ...], str] | None = None
+
+
+def check_declared(labels: np.ndarray, path: Path, declared: tuple[tuple[int, ...], str] | None) -> None:
+    """Refuse label values that the label map does not declare (they would be scored as
+    background, silently): a stray value, a negative one, or a map that belongs to other files."""
+    if declared is None:
+        return
+    values, source = declared
+    allowed = sorted({*values, 0})
+    found = np.unique(labels)
+    undeclared = [int(v) for v in found[~np.isin(found, np.asarray(allowed))]]
+    if undeclared:
+        shown = ", ".join(str(v) for v in undeclared[:8]) + (" ..." if len(undeclared) > 8 else "")
+        raise DataError(
+            f"{path}: label value(s) {shown} not declared in {source} (declared: "
+            f"{', '.join(str(v) for v in allowed)}); fix the label map, or pass "
+            "--ignore-undeclared to score them as background"
+        )
 
 
 def run_case_job(job: CaseJob) -> tuple[list[dict[str, Any]], OverlaySlice | None]:
@@ -330,6 +351,8 @@ def run_case_job(job: CaseJob) -> tuple[list[dict[str, Any]], OverlaySlice | Non
     check_same_grid(pred_image, ref_image)
     ref = _integer_labels(ref_image)
     pred = _integer_labels(pred_image)
+    check_declared(ref, job.ref_path, job.ref_declared)
+    check_declared(pred, job.pred_path, job.pred_declared)
     triples = ((t.name, np.isin(pred, t.pred_values), np.isin(ref, t.ref_values)) for t in job.tasks)
     annotated = _reference_annotation(ref, [t.ref_values for t in job.tasks], job.explicit, job.absent_unannotated)
     rows = score_case(job.dataset, job.case, triples, ref_image.spacing, job.config, annotated)
@@ -529,6 +552,21 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+RESULT_FILES = ("metrics.csv", "summary.json", "report.html", "predictions")
+
+
+def check_results_absent(output_dir: str | Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace the results of an earlier evaluation in ``output_dir``."""
+    if overwrite:
+        return
+    existing = [name for name in RESULT_FILES if (Path(output_dir) / name).exists()]
+    if existing:
+        raise DataError(
+            f"{output_dir}: holds results of an earlier evaluation ({', '.join(existing)}); "
+            "pass --overwrite to replace them, or choose another -o folder"
+        )
+
+
 def write_outputs(
     result: EvaluationResult, output_dir: str | Path, report: bool = False, title: str = "", report_cases: int = 3
 ) -> Path:
@@ -573,6 +611,8 @@ def evaluate_folders(
     progress: bool = True,
     annotations: str | Path | None = None,
     absent_means: str | dict[str, str] | None = None,
+    case_label_maps: bool = True,
+    ignore_undeclared: bool = False,
 ) -> EvaluationResult:
     """Score every reference case against the prediction file of the same case id.
 
@@ -587,6 +627,11 @@ def evaluate_folders(
             annotates; a sidecar ``REF_DIR/CASE.json`` takes precedence (annotation.py).
         absent_means: ``unannotated`` / ``background`` for every label, or ``{label: rule}``:
             what a label absent from a reference without a sidecar or table row means.
+        case_label_maps: a prediction's own ``CASE.json`` (``hermes predict`` writes one next to
+            each output) gives its label names, before ``pred_labels``: a folder-level map can
+            be stale when predictions of several runs share the folder.
+        ignore_undeclared: score label values that no label map declares as background instead
+            of refusing them.
     """
     config = config or EvaluationConfig()
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
@@ -600,6 +645,7 @@ def evaluate_folders(
         raise DataError(f"{pred_dir}: no prediction for reference case(s) {shown}")
     if labels is None and (ref_dir.parent / "dataset.json").is_file():
         labels = ref_dir.parent / "dataset.json"
+    ref_source = "the label map given"
     if labels is None:
         values: set[int] = set()
         for path in refs.values():
@@ -609,18 +655,33 @@ def evaluate_folders(
             raise DataError(f"{ref_dir}: the references contain no foreground; pass --labels")
     else:
         ref_labels = labels if isinstance(labels, dict) else read_label_file(labels)
+        ref_source = ref_source if isinstance(labels, dict) else str(labels)
     pred_map = pred_labels if isinstance(pred_labels, dict) or pred_labels is None else read_label_file(pred_labels)
-    tasks = tuple(match_tasks(ref_labels, pred_map))
+    pred_source = "the reference's label map" if pred_map is None else (
+        str(pred_labels) if not isinstance(pred_labels, dict) else "the prediction label map given"
+    )
     name = dataset or (ref_dir.parent.name if ref_dir.name.startswith("labels") else ref_dir.name)
     image_dir = Path(images_dir) if images_dir else _guess_image_dir(ref_dir)
     images = case_files(image_dir, strip_channel=True) if (overlays and image_dir) else {}
     rule = _absent_rule(absent_means, ref_labels)
     table = read_annotation_table(Path(annotations), ref_labels, [name]) if annotations is not None else None
+
+    def declared(label_map: dict[str, tuple[int, ...]], source: str) -> tuple[tuple[int, ...], str] | None:
+        return None if ignore_undeclared else (tuple(sorted({v for vs in label_map.values() for v in vs})), source)
+
     jobs = []
     for case, ref_path in refs.items():
         explicit = explicit_annotation(case, ref_path, ref_labels, table, str(annotations)).explicit
+        case_map, case_source = pred_map, pred_source
+        sidecar = preds[case].with_name(f"{case}.json")
+        if case_label_maps and sidecar.is_file():
+            case_map, case_source = read_label_file(sidecar), str(sidecar)
+        tasks = tuple(match_tasks(ref_labels, case_map))
         jobs.append(
-            CaseJob(name, case, preds[case], ref_path, images.get(case), tasks, config, overlays, explicit, rule)
+            CaseJob(name, case, preds[case], ref_path, images.get(case), tasks, config, overlays,
+                    explicit=explicit, absent_unannotated=rule,
+                    ref_declared=declared(ref_labels, ref_source),
+                    pred_declared=declared(case_map or ref_labels, case_source))
         )
     rows: list[dict[str, Any]] = []
     slices: list[OverlaySlice] = []
@@ -671,6 +732,7 @@ def evaluate_model(
     save_predictions: str | Path | None = None,
     progress: bool = True,
     max_cases: int | None = None,
+    ignore_undeclared: bool = False,
 ) -> EvaluationResult:
     """Predict each selected dataset's ``split`` cases and score them per task.
 
@@ -682,6 +744,8 @@ def evaluate_model(
     ``inference.output="binary"`` to score every task's own sigmoid mask instead (nested
     region tasks need that). Every task is predicted; a task is scored only on the cases whose
     reference annotates it (the catalog's sidecars, table and ``absent_means`` rule).
+    A reference value that the dataset's labels do not declare is an error unless
+    ``ignore_undeclared``.
     """
     from hermes.data.catalog import load_catalog
     from hermes.data.readers import open_dataset
@@ -721,6 +785,8 @@ def evaluate_model(
             image = predictor.load_case(case.image_paths)
             ref_image = load_image(case.label_path)  # type: ignore[arg-type]
             ref = _integer_labels(ref_image)
+            if not ignore_undeclared:  # what `hermes prepare` refuses too
+                check_declared(ref, case.label_path, (tuple(entry.labels.values()), f"{entry.path}/dataset.json"))  # type: ignore[arg-type]
             prediction = predictor.predict(
                 image,
                 tasks=tasks,

@@ -14,10 +14,11 @@ a JSON sidecar of label names per case, or one folder of binary masks per case.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -148,7 +149,9 @@ def _predict_case(
     progress: bool,
     verbose: bool,
     dataset: str | None = None,
+    check: Callable[[Prediction], None] | None = None,
 ) -> Prediction:
+    """Predict one case and write it; ``check(prediction)`` runs before anything is written."""
     check_output(target, overwrite)
     image_input: Path | list[Path] = case.paths[0] if len(case.paths) == 1 else list(case.paths)
     if predictor.config.output == "binary":
@@ -164,12 +167,16 @@ def _predict_case(
                 image, tasks=tasks, modality=modality, progress=progress, on_mask=write_mask, verbose=verbose,
                 dataset=dataset,
             )
+            if check is not None:
+                check(prediction)
             files = {task: f"{safe_name(task)}.nii.gz" for task in prediction.tasks}
             atomic_write_json(tmp / "labels.json", {**prediction.metadata(), "files": files})
         return prediction
     prediction = predictor.predict(
         image_input, tasks=tasks, modality=modality, progress=progress, verbose=verbose, dataset=dataset
     )
+    if check is not None:
+        check(prediction)
     prediction.save(target, overwrite=True)
     return prediction
 
@@ -191,24 +198,43 @@ def predict_files(
 ) -> dict[str, Path]:
     """What ``hermes predict`` does; returns ``case_id -> written path``.
 
-    Every target is checked before any work: an existing output stops the run (naming it)
-    unless ``overwrite``.
+    Every target (and its ``CASE.json`` label map) is checked before any work: an existing
+    output stops the run (naming it) unless ``overwrite``. A folder of multi-label outputs also
+    gets an nnU-Net-style ``dataset.json`` when every case has the same label map; one that
+    exists already is never rewritten without ``overwrite``: the run stops, before writing a
+    case, if the case's label map differs from it (each case's own map is its ``CASE.json``).
     """
     config = _config(config, tta, output_mode)
     cases, folder_input = discover_inputs(input)
     targets = output_paths(cases, Path(output), folder_input, config.output)
     if not overwrite:
-        existing = [str(p) for p in targets.values() if p.exists()]
+        planned = [*targets.values()]
+        if config.output == "multilabel":
+            planned += [sidecar_path(p) for p in targets.values()]
+        existing = [str(p) for p in planned if p.exists()]
         if existing:
             shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
             raise DataError(f"output exists: {shown}; pass --overwrite to replace")
+    dataset_json = Path(output) / "dataset.json"
+    kept_labels = None  # the label map of a dataset.json this run must not change
+    if folder_input and config.output == "multilabel" and dataset_json.exists() and not overwrite:
+        kept_labels = _existing_label_map(dataset_json)
     predictor = Predictor(model_dir, device=device, config=config)
+
+    def check(prediction: Prediction) -> None:
+        if kept_labels is not None and prediction.label_map() != kept_labels:
+            raise DataError(
+                f"{dataset_json} (not written by this run) maps labels {kept_labels}, but this run predicts "
+                f"{prediction.label_map()}; it is left unchanged. Predict into another folder, or pass --overwrite "
+                "to replace it (each case's label map is also written to CASE.json)"
+            )
+
     label_maps = []
     bar = tqdm(cases, desc="cases", unit="case", disable=not (progress and folder_input))
     for case in bar:
         prediction = _predict_case(
             predictor, case, targets[case.case_id], tasks, modality, overwrite, progress and not folder_input, verbose,
-            dataset,
+            dataset, check,
         )
         label_maps.append(prediction.label_map())
         if verbose:
@@ -217,10 +243,25 @@ def predict_files(
                 tqdm.write(message, file=sys.stderr)
             else:
                 print(message, file=sys.stderr)
-    if folder_input and config.output == "multilabel" and label_maps and all(m == label_maps[0] for m in label_maps):
-        # nnU-Net-style dataset.json so `hermes evaluate --pred` finds the label names.
-        atomic_write_json(Path(output) / "dataset.json", {"labels": label_maps[0], "file_ending": ".nii.gz"})
+    if folder_input and config.output == "multilabel" and label_maps and kept_labels is None:
+        if all(m == label_maps[0] for m in label_maps):
+            # nnU-Net-style dataset.json so that other tools find the label names.
+            atomic_write_json(dataset_json, {"labels": label_maps[0], "file_ending": ".nii.gz"})
+        elif dataset_json.exists():  # --overwrite: a folder-level map would be wrong for some cases
+            dataset_json.unlink()
     return targets
+
+
+def _existing_label_map(path: Path) -> dict[str, int]:
+    """The ``labels`` of an existing dataset.json, which predictions must match to share it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: exists and is not valid JSON ({error}); pass --overwrite to replace it") from None
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, dict):
+        raise DataError(f"{path}: exists and has no 'labels' mapping; predict into another folder or pass --overwrite")
+    return labels
 
 
 __all__ = ["CaseInput", "discover_inputs", "output_paths", "predict", "predict_files", "sidecar_path"]

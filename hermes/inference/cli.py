@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hermes.cli_args import FRACTION, POSITIVE_INT, UNIT_OPEN
 from hermes.config import InferenceConfig
 
 
@@ -37,16 +38,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 passes)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--overlap", type=float, default=None, help=f"window overlap (default {defaults.overlap})")
     parser.add_argument(
-        "--window-batch-size", type=int, default=None,
-        help=f"windows per forward pass (default {defaults.window_batch_size})",
+        "--overlap", type=FRACTION, default=None, help=f"window overlap, {FRACTION} (default {defaults.overlap})"
+    )
+    parser.add_argument(
+        "--window-batch-size", type=POSITIVE_INT, default=None,
+        help=f"windows per forward pass, {POSITIVE_INT} (default {defaults.window_batch_size})",
     )
     parser.add_argument(
         "--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
         help=f"autocast precision (default {defaults.precision})",
     )
-    parser.add_argument("--threshold", type=float, default=None, help=f"sigmoid threshold (default {defaults.threshold})")
+    parser.add_argument(
+        "--threshold", type=UNIT_OPEN, default=None,
+        help=f"sigmoid threshold, {UNIT_OPEN} (default {defaults.threshold})",
+    )
+    parser.add_argument(
+        "--allow-irregular", action="store_true",
+        help="accept a DICOM series with uneven slice gaps (e.g. a missing slice) by resampling it onto a regular "
+        "grid from its true slice positions (default: refuse it)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-case messages")
 
 
@@ -61,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 "window_batch_size": args.window_batch_size,
                 "precision": args.precision,
                 "threshold": args.threshold,
+                "allow_irregular_dicom": args.allow_irregular or None,
             }.items()
             if v is not None
         }

@@ -454,9 +454,10 @@ class Predictor:
         (stacked on a 4th axis; all channels must share the first one's grid)."""
         if isinstance(inputs, Image):
             return inputs
+        allow = self.config.allow_irregular_dicom
         if isinstance(inputs, str | Path):
-            return load_image(inputs)
-        items = [x if isinstance(x, Image) else load_image(x) for x in inputs]
+            return load_image(inputs, allow_irregular=allow)
+        items = [x if isinstance(x, Image) else load_image(x, allow_irregular=allow) for x in inputs]
         if not items:
             raise DataError("no input image given")
         if len(items) == 1:

@@ -6,21 +6,37 @@ import argparse
 import time
 from pathlib import Path
 
+from hermes.cli_args import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from hermes.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output folder (one nnU-Net v2 raw dataset per subfolder)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files (default 0)")
     parser.add_argument(
-        "--scale", type=float, default=1.0,
-        help="voxels per axis relative to the default (~64-96^3); 0.5 for quick tests, 2 for large volumes",
+        "--seed", type=NON_NEGATIVE_INT, default=0,
+        help=f"random seed, {NON_NEGATIVE_INT}; same seed -> identical files (default 0)",
+    )
+    parser.add_argument(
+        "--scale", type=POSITIVE_FLOAT, default=1.0,
+        help=f"voxels per axis relative to the default (~64-96^3), {POSITIVE_FLOAT}; 0.5 for quick tests, 2 for "
+        "large volumes",
     )
     parser.add_argument("--datasets", nargs="+", metavar="NAME", help="subset by name, short name or number (e.g. 101 LiverCT)")
-    parser.add_argument("--cases", type=int, help="training cases per dataset (default: each dataset's own number)")
-    parser.add_argument("--test-cases", type=int, help="test cases per dataset (default: each dataset's own number)")
+    parser.add_argument(
+        "--cases", type=POSITIVE_INT,
+        help=f"training cases per dataset, {POSITIVE_INT} (default: each dataset's own number)",
+    )
+    parser.add_argument(
+        "--test-cases", type=NON_NEGATIVE_INT,
+        help=f"test cases per dataset, {NON_NEGATIVE_INT} (default: each dataset's own number)",
+    )
     parser.add_argument("--preview", action="store_true", help="also write OUT/previews/<dataset>.png (slices + labels)")
     parser.add_argument("--list", action="store_true", help="describe the datasets without generating anything")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace dataset folders under --out generated with other parameters (default: refuse; folders "
+        "generated with the same parameters are reused)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -48,12 +64,6 @@ def run(args: argparse.Namespace) -> int:
     from hermes.synthetic.cohort import generate_cohort
     from hermes.synthetic.datasets import select_datasets
 
-    if args.scale <= 0:
-        raise ConfigError(f"--scale must be positive, got {args.scale}")
-    for option in ("cases", "test_cases"):
-        value = getattr(args, option)
-        if value is not None and value < (1 if option == "cases" else 0):
-            raise ConfigError(f"--{option.replace('_', '-')} must be at least {1 if option == 'cases' else 0}, got {value}")
     specs = select_datasets(args.datasets)
     if args.list:
         rows = [
@@ -84,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         test_cases=args.test_cases,
         preview=args.preview,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     elapsed = time.perf_counter() - start
     print(describe_cohort(folders))

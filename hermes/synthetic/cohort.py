@@ -125,13 +125,16 @@ def generate_cohort(
     test_cases: int | None = None,
     preview: bool = False,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> list[Path]:
     """Write the synthetic datasets under ``out_dir``; returns the dataset folders.
 
     ``scale`` multiplies the number of voxels per axis (voxel spacing / scale; the anatomy
     keeps its size in mm). ``cases`` / ``test_cases`` override every dataset's number of
     training / test cases. ``datasets`` selects by folder name, short name or number.
-    ``preview`` also writes ``out_dir/previews/<dataset>.png``.
+    ``preview`` also writes ``out_dir/previews/<dataset>.png``. A dataset folder generated
+    with the same parameters is reused as it is; one generated with other parameters is
+    replaced only with ``overwrite`` (else nothing is written and the run stops, naming it).
     """
     from tqdm.auto import tqdm
 
@@ -144,13 +147,25 @@ def generate_cohort(
         n_train = spec.n_train if cases is None else int(cases)
         n_test = spec.n_test if test_cases is None else int(test_cases)
         plans.append((spec, n_train, n_test))
+    if not overwrite:
+        for spec, n_train, n_test in plans:
+            folder = out_dir / spec.name
+            old = _existing_params(folder) if folder.exists() else None
+            new = _params(spec, seed, scale, n_train, n_test)
+            if old is not None and old != new:
+                changed = ", ".join(f"{k} {old.get(k)} -> {new[k]}" for k in new if old.get(k) != new[k])
+                raise DataError(
+                    f"{folder}: holds a synthetic dataset generated with other parameters ({changed}); "
+                    "pass --overwrite to replace it, or choose another --out"
+                )
     total = sum(n + m for _, n, m in plans)
     folders: list[Path] = []
     with tqdm(total=total, desc="synthetic cohort", unit="case", disable=not progress) as bar:
         for spec, n_train, n_test in plans:
             folder = out_dir / spec.name
             params = _params(spec, seed, scale, n_train, n_test)
-            if folder.exists() and _existing_params(folder) == params:
+            reused = folder.exists() and _existing_params(folder) == params
+            if reused:
                 bar.update(n_train + n_test)
             else:
                 bar.set_postfix_str(spec.name)
@@ -167,8 +182,9 @@ def generate_cohort(
                     # dataset.json last: a folder with it is a complete dataset.
                     atomic_write_json(tmp / "dataset.json", _dataset_json(spec, params, scale))
             folders.append(folder)
-            if preview:
-                write_preview(folder, out_dir / "previews" / f"{spec.name}.png")
+            preview_path = out_dir / "previews" / f"{spec.name}.png"
+            if preview and (overwrite or not reused or not preview_path.exists()):
+                write_preview(folder, preview_path)
     return folders
 
 

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from hermes.cli_args import POSITIVE_INT
 from hermes.config import load_train_config
 
 
@@ -17,14 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="training YAML (see hermes/config.py; `preset: cpu-demo|paper` allowed)")
     parser.add_argument("--paradigm", choices=["universal", "traditional"], help="override `paradigm`")
     parser.add_argument("--dataset", help="traditional paradigm: the one dataset to train on (catalog name)")
-    parser.add_argument("--steps", type=int, help="override `steps` (the planned number of optimiser steps)")
+    parser.add_argument(
+        "--steps", type=POSITIVE_INT, help=f"override `steps` (the planned number of optimiser steps), {POSITIVE_INT}"
+    )
     parser.add_argument("--output", type=Path, help="override `output` (run folder)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its checkpoint")
     parser.add_argument(
         "--extend-steps",
-        type=int,
+        type=POSITIVE_INT,
         metavar="N",
-        help="resume and train N steps past the checkpoint's planned schedule (re-plans the LR decay)",
+        help=f"resume and train N steps past the checkpoint's planned schedule (re-plans the LR decay), N {POSITIVE_INT}",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
