@@ -458,6 +458,9 @@ def run_benchmark(options: BenchmarkOptions) -> int:
 
     check_options(options)
     layer = user_layer(options)
+    # A bad recipe key fails here, before any data is generated or prepared.
+    validate(TrainConfig, deep_merge(deep_merge(BENCH_DEFAULTS, layer), {"catalog": ".", "cache": ".", "output": "."}),
+             str(options.recipe or options.preset or "hermes benchmark"))
     torch.set_num_threads(options.threads)
     work = options.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
