@@ -4,7 +4,10 @@ summary.json and its merge, argument errors."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +259,10 @@ def test_equal_steps_gives_the_universal_model_s_steps(tmp_path: Path, capsys: p
     assert result["steps"] == result["planned_steps"] == 2 and result["budget_rule"] == "equal_steps"
     assert "Budget rule **equal steps**" in (work / "paradigm.md").read_text()
     assert json.loads((work / "summary.json").read_text()) == {"comparisons": []}
+
+
+def test_bench_script_forwards_to_the_subcommand() -> None:
+    script = Path(__file__).resolve().parents[1] / "bench" / "paradigm.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=False, env=env)
+    assert done.returncode == 0 and "usage: hermes benchmark" in done.stdout and "--budget-rule" in done.stdout
