@@ -266,3 +266,14 @@ def test_bench_script_forwards_to_the_subcommand() -> None:
     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=False, env=env)
     assert done.returncode == 0 and "usage: hermes benchmark" in done.stdout and "--budget-rule" in done.stdout
+
+
+def test_a_run_locked_by_another_process_is_not_taken(tmp_path: Path) -> None:
+    from hermes.evaluation.benchmark import file_lock
+
+    with file_lock(tmp_path / ".lock") as held:
+        assert held
+        with file_lock(tmp_path / ".lock", blocking=False) as second:
+            assert not second  # flock: a second open file description conflicts, as another process would
+    with file_lock(tmp_path / ".lock", blocking=False) as again:
+        assert again
