@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,10 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path: Path, capsys: pytest.Capt
     assert not (work / "cohort").exists()  # refused before generating anything
     assert hermes_main(["benchmark", "--synthetic", "--work", str(work), "--compare", "hermes_r:nope"]) == 2
     assert "--compare hermes_r:nope: unknown model 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "summary.json"
+    bad.write_text("{not json")
+    assert hermes_main(["benchmark", "--synthetic", "--work", str(work), "--summary-into", str(bad)]) == 2
+    assert f"--summary-into {bad}: not a readable JSON file" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +249,17 @@ def test_equal_total_compute_end_to_end_resumes_and_merges(tmp_path: Path, capsy
     assert ": training " not in second and second.count("done earlier, skipped") == 6
     merged = json.loads(into.read_text())["comparisons"]
     assert [c["data"] for c in merged] == ["realmini", "synthetic"] and merged[1]["mean_diff"] == entry["mean_diff"]
+
+    # A run interrupted after its last checkpoint (no model, no result) resumes, not restarts.
+    run_dir = work / "runs/resunet/LiverCT/seed0"
+    for name in ("result.json", "train_timing.json"):
+        (run_dir / name).unlink()
+    shutil.rmtree(run_dir / "train/model")
+    assert hermes_main(argv) == 0
+    third = capsys.readouterr().out
+    assert third.count(": training ") == 1 and third.count("done earlier, skipped") == 5
+    resumed = json.loads((run_dir / "result.json").read_text())
+    assert resumed["resumed"] is True and resumed["steps"] == 2
 
     # Other settings on the same WORK are refused before anything runs.
     assert hermes_main([*argv, "--budget-rule", "equal_steps"]) == 2

@@ -186,6 +186,8 @@ def check_options(options: BenchmarkOptions) -> None:
         raise ConfigError(f"--bootstrap-samples must be at least 1, got {options.bootstrap_samples}")
     if options.deadline is not None:
         _deadline(options.deadline)
+    if options.summary_into is not None:
+        report.read_summary(options.summary_into)
 
 
 def user_layer(options: BenchmarkOptions) -> dict[str, Any]:
@@ -555,7 +557,7 @@ def run_benchmark(options: BenchmarkOptions) -> int:
             f"{result['eval_wall_s']:.0f} s, weights {result['final_weights']}); Dice {dice}"
             f"{_eta(spent, done_steps, pending_steps)}")
         write_outputs(out, work, test_datasets, meta, pairs, options)
-    md = write_outputs(out, work, test_datasets, meta, pairs, options)
+    md = write_outputs(out, work, test_datasets, meta, pairs, options, final=True)
     log(f"table: {md}")
     for failure in failures:
         log(f"failed: {failure}")
@@ -564,9 +566,9 @@ def run_benchmark(options: BenchmarkOptions) -> int:
 
 
 def write_outputs(out: Path, work: Path, datasets: list[str], meta: dict[str, Any],
-                  pairs: Sequence[tuple[str, str]], options: BenchmarkOptions) -> Path:
-    """paradigm.json / paradigm.md / summary.json from every result under WORK (and the
-    comparisons merged into ``--summary-into``)."""
+                  pairs: Sequence[tuple[str, str]], options: BenchmarkOptions, final: bool = False) -> Path:
+    """paradigm.json / paradigm.md / summary.json from every result under WORK; ``final``: also
+    merge the comparisons into ``--summary-into`` (once per invocation, at the end)."""
     results = report.collect(work)
     present = {r["model"] for r in results}
     table = report.aggregate(results, datasets, [key for key in MODELS if key in present])
@@ -577,7 +579,7 @@ def write_outputs(out: Path, work: Path, datasets: list[str], meta: dict[str, An
         "runs": [{k: v for k, v in r.items() if k != "cases"} for r in results],
     }))
     atomic_write_json(out / "summary.json", {"comparisons": comparisons})
-    if options.summary_into is not None and comparisons:
+    if final and options.summary_into is not None and comparisons:
         report.merge_summary(options.summary_into, comparisons)
     md = out / "paradigm.md"
     atomic_write_text(md, report.markdown(table, datasets, meta, comparisons))

@@ -7,8 +7,10 @@ rewritten without training anything.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -246,17 +248,36 @@ def merge_summary(path: Path, comparisons: Sequence[Mapping[str, Any]]) -> Path:
     """Merge ``comparisons`` into the ``{"comparisons": [...]}`` file at ``path`` (created if
     missing): an entry with the same data, budget rule, a and b is replaced, others are kept
     in their order; written atomically."""
-    existing: list[dict[str, Any]] = []
-    other: dict[str, Any] = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"--summary-into {path}: not a readable JSON file ({error})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("comparisons"), list):
-            raise ConfigError(f"--summary-into {path}: expected an object with a list under \"comparisons\"")
-        existing = list(data["comparisons"])
-        other = {k: v for k, v in data.items() if k != "comparisons"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Two benchmarks (e.g. synthetic and realmini) may merge into one file at the same time: the
+    # read-modify-write holds a lock on the folder (the file itself is replaced, so it cannot
+    # carry the lock; a lock file would litter docs/).
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        return _merge(path, comparisons)
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """The summary file at ``path`` (``{"comparisons": []}`` when missing); checked at the start
+    of a benchmark too, so a bad file is reported before hours of training, not after."""
+    if not path.exists():
+        return {"comparisons": []}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--summary-into {path}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("comparisons"), list):
+        raise ConfigError(f"--summary-into {path}: expected an object with a list under \"comparisons\"")
+    return data
+
+
+def _merge(path: Path, comparisons: Sequence[Mapping[str, Any]]) -> Path:
+    data = read_summary(path)
+    existing = list(data["comparisons"])
+    other = {k: v for k, v in data.items() if k != "comparisons"}
     new = {_comparison_key(c): dict(c) for c in comparisons}
     merged = [new.pop(_comparison_key(c)) if _comparison_key(c) in new else c for c in existing]
     merged.extend(new.values())
