@@ -487,7 +487,7 @@ def run_benchmark(options: BenchmarkOptions) -> int:
     meta = {
         "title": options.title or f"{'Synthetic cohort' if options.synthetic else catalog_path.name}: universal vs "
         f"per-dataset training, {options.steps} steps per dataset ({options.budget_rule.replace('_', ' ')})",
-        "data_name": options.data_name or ("synthetic" if options.synthetic else catalog_path.stem),
+        "data_name": options.data_name or ("synthetic" if options.synthetic else catalog_path.parent.name),
         "catalog": str(catalog_path),
         "budget_rule": options.budget_rule,
         "steps": options.steps,
@@ -515,7 +515,7 @@ def run_benchmark(options: BenchmarkOptions) -> int:
     deadline = _deadline(options.deadline)
     failures: list[str] = []
     pending_steps = sum(r.steps for r in runs if not (r.folder(work) / report.RESULT_FILE).exists())
-    done_steps, spent = 0, 0.0
+    done_steps, spent, started = 0, 0.0, time.perf_counter()
     for index, (run, config) in enumerate(zip(runs, configs), start=1):
         run_dir = run.folder(work)
         name = f"({index}/{len(runs)}) {run.name()}"
@@ -534,7 +534,7 @@ def run_benchmark(options: BenchmarkOptions) -> int:
                 log(f"{name}: done by another process, skipped")
                 pending_steps -= run.steps
                 continue
-            eta = _eta(spent, done_steps, pending_steps)
+            eta = _eta(started, spent, done_steps, pending_steps)
             log(f"{name}: training {run.steps} steps + evaluation{eta}")
             start = time.perf_counter()
             try:
@@ -555,7 +555,7 @@ def run_benchmark(options: BenchmarkOptions) -> int:
         dice = " ".join(f"{d}={v['dice']:.3f}" for d, v in result["datasets"].items() if v["dice"] is not None)
         log(f"{name}: done in {elapsed:.0f} s (train {result['train_wall_s']:.0f} s, eval "
             f"{result['eval_wall_s']:.0f} s, weights {result['final_weights']}); Dice {dice}"
-            f"{_eta(spent, done_steps, pending_steps)}")
+            f"{_eta(started, spent, done_steps, pending_steps)}")
         write_outputs(out, work, test_datasets, meta, pairs, options)
     md = write_outputs(out, work, test_datasets, meta, pairs, options, final=True)
     log(f"table: {md}")
@@ -597,12 +597,15 @@ def _recipe_text(options: BenchmarkOptions, layer: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _eta(spent: float, done_steps: int, pending_steps: int) -> str:
+def _eta(started: float, spent: float, done_steps: int, pending_steps: int) -> str:
+    """Elapsed time of this invocation and the time left, from the seconds per training step
+    of the runs it finished (evaluation included)."""
+    text = f"; elapsed {(time.perf_counter() - started) / 60:.1f} min"
     if done_steps <= 0 or pending_steps <= 0:
-        return ""
+        return text
     seconds = spent / done_steps * pending_steps
     finish = datetime.datetime.now() + datetime.timedelta(seconds=seconds)
-    return f"; ETA {seconds / 60:.0f} min (about {finish:%H:%M})"
+    return f"{text}, ETA {seconds / 60:.0f} min (about {finish:%H:%M})"
 
 
 def _deadline(text: str | None) -> datetime.datetime | None:

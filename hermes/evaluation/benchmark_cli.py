@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--test-cases", type=int, help="synthetic: test cases per dataset (default: each dataset's own)")
     data.add_argument("--data-seed", type=int, default=0, help="synthetic: cohort seed (default 0)")
     data.add_argument("--scale", type=float, default=1.0, help="synthetic: voxels per axis relative to default")
-    data.add_argument("--data-name", help="name of the data in summary.json (default: synthetic, or the catalog's stem)")
+    data.add_argument("--data-name", help="name of the data in summary.json, e.g. realmini (default: synthetic, or the catalog's folder name)")
 
     runs = parser.add_argument_group("runs")
     runs.add_argument("--work", type=Path, required=True, help="folder of the runs (and of the synthetic cohort)")
