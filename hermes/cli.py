@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hermes.training.cli", "Train a universal (or per-dataset) model from a YAML config."),
     "predict": ("hermes.inference.cli", "Segment images with a trained model."),
     "evaluate": ("hermes.evaluation.cli", "Score predictions (Dice, HD95, NSD) and write reports."),
+    "benchmark": ("hermes.evaluation.benchmark_cli", "Universal vs per-dataset models on the same cases, paired CIs."),
     "finetune": ("hermes.adaptation.finetune_cli", "Transfer a trained universal model to a new dataset."),
     "extend": ("hermes.adaptation.extend_cli", "Add tasks to a model without forgetting the old ones."),
     "priors": ("hermes.adaptation.priors_cli", "Plot the similarity of the learned context priors."),
