@@ -11,6 +11,7 @@ A catalog is a YAML file (format and examples in docs/data.md)::
         nested_tasks: {kidney_all: [kidney, kidney_tumour]}   # a task = a union of labels
         tasks: {liver: liver_ct}         # rename a task; equal names across datasets = shared
         test_only: false                 # true: never sampled for training (may lack imagesTr)
+        mirror_pairs: [[kidney_left, kidney_right]]   # left/right pairs (see below)
     shared_tasks:
       liver_ct: [AbdomenCT/liver, TotalSegCT/liver]
     preprocessing: {target_spacing: [1.5, 1.5, 1.5]}       # hermes.config.PreprocessConfig
@@ -20,6 +21,13 @@ every dataset is its own task ``<dataset name>/<label name>``; datasets whose pr
 are merged into one shared task explicitly (never guessed: ``hermes catalog show`` only
 *suggests* candidates). Labels stay mutually exclusive, as in the dataset's own label map; a
 nested region (e.g. a kidney including its tumour) is an explicit ``nested_tasks`` entry.
+
+``mirror_pairs`` states that the dataset's anatomy is mirror-symmetric along the left-right
+axis (axis 0 of the canonical RAS arrays) once each listed ``[left, right]`` pair of its labels
+(or nested tasks) is swapped, and that every other task is symmetric itself (a midline or
+bilateral structure). Only then may mirroring test-time augmentation flip that axis of a model
+trained without mirroring (``hermes predict --tta``); leave it out for a dataset with a
+one-sided structure (liver, spleen), and give ``[]`` for a dataset whose tasks are all symmetric.
 
 Task ids are ``0..T-1`` in order of first appearance (datasets in catalog order, labels in
 value order, then nested tasks); the null task is ``T``. Modality ids are ``0..M-1`` over the
@@ -58,6 +66,7 @@ class _DatasetSpec(BaseModel):
     nested_tasks: dict[str, list[str | int]] = Field(default_factory=dict)
     tasks: dict[str, str] = Field(default_factory=dict)
     test_only: bool = False
+    mirror_pairs: list[list[str | int]] | None = None  # [[left, right], ...]
 
 
 class _CatalogSpec(BaseModel):
@@ -100,6 +109,8 @@ class DatasetEntry:
     test_only: bool = False
     num_train: int = 0
     num_test: int = 0
+    # Left/right task-id pairs swapped by a left-right mirror; None: no symmetry declared.
+    mirror_pairs: tuple[tuple[int, int], ...] | None = None
 
     @property
     def num_channels(self) -> int:
@@ -129,6 +140,7 @@ class DatasetEntry:
             "test_only": self.test_only,
             "num_train": self.num_train,
             "num_test": self.num_test,
+            "mirror_pairs": None if self.mirror_pairs is None else [list(p) for p in self.mirror_pairs],
         }
 
     @classmethod
@@ -148,6 +160,9 @@ class DatasetEntry:
             test_only=bool(data.get("test_only", False)),
             num_train=int(data.get("num_train", 0)),
             num_test=int(data.get("num_test", 0)),
+            mirror_pairs=None
+            if data.get("mirror_pairs") is None
+            else tuple((int(a), int(b)) for a, b in data["mirror_pairs"]),
         )
 
 
@@ -449,6 +464,9 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
             entry.local_names.append(local)
     for task_name, index in index_of.items():
         tasks.append(TaskSpec(task_name, index, tuple(members_of[task_name])))
+    for index, (ds, entry) in enumerate(zip(parsed.datasets, entries)):
+        if ds.mirror_pairs is not None:
+            entry.mirror_pairs = _mirror_pairs(ds.mirror_pairs, entry, f"{source}: datasets[{index}].mirror_pairs")
 
     return Catalog(
         tasks=tasks,
@@ -458,6 +476,37 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
         source=None,
         spec=resolved_spec,
     )
+
+
+def _mirror_pairs(
+    pairs: list[list[str | int]], entry: DatasetEntry, where: str
+) -> tuple[tuple[int, int], ...]:
+    """``[[left, right], ...]`` of local label (or nested task) names/values -> task-id pairs."""
+    by_local = dict(zip(entry.local_names, entry.task_ids))
+    by_value = {values[0]: task for task, values in zip(entry.task_ids, entry.label_values) if len(values) == 1}
+    resolved: list[tuple[int, int]] = []
+    used: set[int] = set()
+    for number, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ConfigError(f"{where}[{number}]: a pair is [left, right] (two tasks), got {pair!r}")
+        ids = []
+        for item in pair:
+            if isinstance(item, str) and item in by_local:
+                ids.append(by_local[item])
+            elif str(item).isdigit() and int(item) in by_value:
+                ids.append(by_value[int(item)])
+            else:
+                raise ConfigError(
+                    f"{where}[{number}]: {item!r} is not a task of dataset {entry.name!r} "
+                    f"(its tasks: {', '.join(entry.local_names)})"
+                )
+        if ids[0] == ids[1]:
+            raise ConfigError(f"{where}[{number}]: a task cannot be its own mirror pair")
+        if used & set(ids):
+            raise ConfigError(f"{where}[{number}]: a task is in two pairs")
+        used.update(ids)
+        resolved.append((ids[0], ids[1]))
+    return tuple(resolved)
 
 
 def load_catalog(path: str | Path) -> Catalog:

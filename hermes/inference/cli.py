@@ -35,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"mask per task (default: {defaults.output})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 passes)")
+    parser.add_argument(
+        "--tta", action="store_true",
+        help="mirroring test-time augmentation over the axes training mirrored, and left-right when the catalog "
+        "declares the datasets' mirror_pairs (swapped); refused when no mirror is safe",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--overlap", type=float, default=None, help=f"window overlap (default {defaults.overlap})")
     parser.add_argument(

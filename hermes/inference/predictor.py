@@ -50,6 +50,7 @@ from hermes.inference.sliding_window import (
     resolve_device,
     sliding_window_inference,
 )
+from hermes.inference.tta import check_possible, mirrored_network, plan_mirroring, trained_mirror_axes
 from hermes.models.registry import load_model
 
 OutputMode = Literal["multilabel", "binary"]
@@ -259,6 +260,9 @@ class Predictor:
             raise ModelError(
                 f"{self.model_dir}: the catalog has {self.catalog.num_tasks} tasks, the model {model_entry['num_tasks']}"
             )
+        self.trained_mirror_axes = trained_mirror_axes(self.spec)
+        if self.config.mirror_tta:
+            check_possible(self.trained_mirror_axes, self.catalog)  # refuse before any image is read
         self.channels_last = resolve_channels_last(channels_last, self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -411,6 +415,21 @@ class Predictor:
 
         return network
 
+    def _group_network(self, group: PromptGroup, modality_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The group's network, averaged over the mirrors that are safe for its tasks when TTA is
+        on (hermes/inference/tta.py: trained axes, or left-right with declared pairs swapped)."""
+        if not self.config.mirror_tta:
+            return self._network(group.prompt, group.keep, modality_id)
+        if group.dataset is not None:
+            entries = [self.catalog.dataset(group.dataset)]
+        else:
+            entries = [e for e in self.catalog.datasets if set(e.task_ids) & set(group.keep)]
+        plan = plan_mirroring(self.trained_mirror_axes, entries)
+        extra = plan.extra_tasks(group.keep)  # a swap reads each paired task from its partner
+        outputs = [*group.keep, *extra]
+        prompt = [*group.prompt, *(t for t in extra if t not in group.prompt)]
+        return mirrored_network(self._network(prompt, outputs, modality_id), plan, outputs, len(group.keep))
+
     def _preprocess(self, images: list[Image], plan: PreprocessPlan) -> tuple[np.ndarray, dict[str, Any]]:
         key = plan.digest()
         if key not in self._preprocessed:
@@ -536,18 +555,16 @@ class Predictor:
         else:
             raise ConfigError(f"unknown output {output!r} (multilabel or binary)")
 
-        mirror = (0, 1, 2) if self.config.mirror_tta else ()
         for group in self.prompt_groups(task_ids, chosen, dataset):
             array, meta = self._preprocess(images, group.plan)
             tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))[None]
             logits = sliding_window_inference(
                 tensor,
-                self._network(group.prompt, group.keep, modality_id),
+                self._group_network(group, modality_id),
                 self.patch_size,
                 overlap=self.config.overlap,
                 window_batch_size=self.config.window_batch_size,
                 blend=self.config.blend,
-                mirror_axes=mirror,
                 device=self.device,
                 precision=self.config.precision,
                 channels_last=self.channels_last,
