@@ -267,6 +267,8 @@ class InferenceConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Overlapping task masks in the multi-label output: the most probable task wins.
     output: Literal["multilabel", "binary"] = "multilabel"
+    # Apply MODEL/postprocessing.json (per-task largest component; `hermes evaluate --choose-postprocessing`).
+    postprocess: bool = True
 
 
 class EvaluationConfig(Strict):

@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mirroring test-time augmentation over the axes training mirrored, and left-right when the catalog "
         "declares the datasets' mirror_pairs (swapped); refused when no mirror is safe",
     )
+    parser.add_argument(
+        "--no-postprocess", action="store_true",
+        help="do not apply the model's postprocessing.json (per-task largest component)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--overlap", type=float, default=None, help=f"window overlap (default {defaults.overlap})")
     parser.add_argument(
@@ -65,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 "window_batch_size": args.window_batch_size,
                 "precision": args.precision,
                 "threshold": args.threshold,
+                "postprocess": False if args.no_postprocess else None,
             }.items()
             if v is not None
         }

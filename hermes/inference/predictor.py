@@ -44,6 +44,7 @@ from hermes.data.modalities import UNKNOWN, ModalityVocabulary
 from hermes.data.preprocess import PreprocessPlan, preprocess_image, restore_to_original
 from hermes.errors import ConfigError, DataError, HermesError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_json
+from hermes.inference.postprocess import load_postprocessing
 from hermes.inference.sliding_window import (
     central_window,
     resolve_channels_last,
@@ -260,6 +261,7 @@ class Predictor:
             raise ModelError(
                 f"{self.model_dir}: the catalog has {self.catalog.num_tasks} tasks, the model {model_entry['num_tasks']}"
             )
+        self.postprocessing = load_postprocessing(self.model_dir, self.catalog.task_names) if self.config.postprocess else None
         self.trained_mirror_axes = trained_mirror_axes(self.spec)
         if self.config.mirror_tta:
             check_possible(self.trained_mirror_axes, self.catalog)  # refuse before any image is read
@@ -576,6 +578,8 @@ class Predictor:
                 del prob_cache
                 name = self.catalog.tasks[task].name
                 above = prob >= threshold
+                if labels is None and self.postprocessing is not None:  # binary: per mask
+                    above = self.postprocessing.apply_mask(name, above)
                 if labels is not None and best is not None:
                     wins = above & (prob > best)
                     labels[wins] = position[task] + 1
@@ -586,6 +590,11 @@ class Predictor:
                     on_mask(name, above)
             del logits
         self._preprocessed.clear()
+        extra: dict[str, Any] = {}
+        if self.postprocessing is not None:  # multi-label: on the final map, as it was decided
+            if labels is not None:
+                self.postprocessing.apply_labels(labels, names)
+            extra["postprocessing"] = {"largest_component": [t for t in names if t in self.postprocessing.largest_component]}
         return Prediction(
             affine=np.asarray(image.affine, dtype=np.float64),
             shape=shape,  # type: ignore[arg-type]
@@ -598,6 +607,7 @@ class Predictor:
             masks=masks,
             input=str(image.path) if image.path else None,
             model_dir=str(self.model_dir),
+            extra=extra,
         )
 
 
