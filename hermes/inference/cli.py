@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument(
+        "--continue", dest="resume", action="store_true",
+        help="resume an interrupted run: skip cases whose outputs are complete, predict the others",
+    )
+    parser.add_argument(
         "--tta", action="store_true",
         help="mirroring test-time augmentation over the axes training mirrored, and left-right when the catalog "
         "declares the datasets' mirror_pairs (swapped); refused when no mirror is safe",
@@ -83,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         output_mode=args.output_type,
         overwrite=args.overwrite,
+        resume=args.resume,
         device=None if args.device == "auto" else args.device,
         tta=True if args.tta else None,
         config=config,

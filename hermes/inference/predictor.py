@@ -124,6 +124,8 @@ class Prediction:
         path = Path(path)
         check_output(path, overwrite)
         if self.labels is not None:
+            # the sidecar marks the pair complete (--continue): never an old sidecar beside a new image
+            sidecar_path(path).unlink(missing_ok=True)
             written = [save_image(path, self.labels, self.affine)]
             written.append(atomic_write_json(sidecar_path(path), self.metadata()))
             return written
