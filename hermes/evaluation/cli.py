@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="let the modality head choose the modality (default: the dataset's, as in the paper)")
     model.add_argument("--output", dest="output_type", choices=["multilabel", "binary"], default=None,
                        help="score the multi-label map (default; overlaps: most probable wins) or each task's own mask")
-    model.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    model.add_argument("--tta", action="store_true",
+                       help="mirroring test-time augmentation (only mirrors that are safe; see hermes predict --help)")
     model.add_argument("--device", default="auto", help="cpu, cuda or auto")
     model.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                        help="autocast precision of the sliding window (default auto: bf16 where native)")

@@ -5,7 +5,8 @@ Pipeline per image: choose the modality (given, or the modality head's vote) -> 
 reorientation, body crop, resampling to the training spacing, normalisation; the same function
 ``hermes prepare`` used) -> Gaussian sliding window -> sigmoid -> back to the original grid
 (``restore_to_original``: resampled probabilities, un-cropped, original voxel order, so shape and
-affine equal the input's) -> threshold.
+affine equal the input's) -> threshold -> the model's postprocessing, if decided
+(``postprocess.py``: per-task largest component, MODEL/postprocessing.json).
 
 **Prompts.** A Hermes model reads the requested task list as context (the paper always prompts
 with one dataset's full task list), so tasks are grouped by the dataset that trained them and
