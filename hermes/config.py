@@ -294,6 +294,8 @@ class InferenceConfig(Strict):
     # A DICOM series with uneven slice gaps (a missing slice) is refused unless this is set;
     # then it is resampled onto a regular grid from its true positions (hermes/data/dicom.py).
     allow_irregular_dicom: bool = False
+    # Apply MODEL/postprocessing.json (per-task largest component; `hermes evaluate --choose-postprocessing`).
+    postprocess: bool = True
 
 
 class EvaluationConfig(Strict):

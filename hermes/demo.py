@@ -4,7 +4,10 @@
     catalog (one task per dataset label)                       -> OUT/catalog.yaml
     prepare                                                    -> OUT/cache/
     train one universal Hermes-R (preset cpu-demo)             -> OUT/run/ (model in OUT/run/model)
-    evaluate on every dataset's test split (native grid)       -> OUT/evaluation/
+    evaluate on every dataset's test split (native grid)       -> OUT/evaluation/ (report.html with
+                                                                  reference-vs-prediction overlays
+                                                                  of the best and worst case per
+                                                                  dataset, also as overlays/*.png)
 
 Every stage resumes: re-running the command reuses the cohort and the cache, continues an
 interrupted training from its checkpoint, and only re-evaluates. ``OUT/train.yaml`` is the
@@ -33,6 +36,11 @@ class DemoResult:
     summary: dict[str, Any]
     table: str
     seconds: dict[str, float] = field(default_factory=dict)
+    overlays: list[Path] = field(default_factory=list)  # overlay PNGs of the report, report order
+
+    @property
+    def report(self) -> Path:
+        return self.out / "evaluation" / "report.html"
 
     @property
     def mean_dice(self) -> float:
@@ -73,6 +81,7 @@ def run_demo(
     from hermes.data.cache import prepare_cache
     from hermes.data.catalog import load_catalog
     from hermes.evaluation.evaluate import evaluate_model, format_table, write_outputs
+    from hermes.evaluation.report import overlay_files
     from hermes.synthetic import generate_cohort
     from hermes.synthetic.cli import describe_cohort
     from hermes.training.checkpoint import checkpoint_path
@@ -109,10 +118,17 @@ def run_demo(
     done("train")
 
     stage("evaluate")
-    evaluation = evaluate_model(result.model_dir, catalog_path, split="test", progress=progress)
-    write_outputs(evaluation, out / "evaluation", report=True, title="Hermes demo: synthetic cohort (test split)")
+    # overlays: the same reference-vs-prediction figures as `hermes evaluate --report` (the
+    # best, median and worst case of each dataset)
+    evaluation = evaluate_model(result.model_dir, catalog_path, split="test", overlays=True, progress=progress)
+    report = write_outputs(evaluation, out / "evaluation", report=True,
+                           title="Hermes demo: synthetic cohort (test split)") / "report.html"
     done("evaluate")
-    return DemoResult(out, result.model_dir, evaluation.summary, format_table(evaluation.summary), seconds)
+    overlays = overlay_files(report)
+    print(f"[demo] report: {report}", flush=True)
+    if overlays:
+        print(f"[demo] segmentation overlay (image | reference | prediction): {overlays[0]}", flush=True)
+    return DemoResult(out, result.model_dir, evaluation.summary, format_table(evaluation.summary), seconds, overlays)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     timing = ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in result.seconds.items())
     print(f"mean Dice over all tasks: {result.mean_dice:.3f}   ({timing}; total {total / 60:.1f} min)")
-    print(f"model: {result.model_dir}   report: {result.out / 'evaluation' / 'report.html'}")
+    print(f"model: {result.model_dir}   report: {result.report}")
+    if result.overlays:
+        print(f"segmentation overlay (reference | prediction, first dataset's best case): {result.overlays[0]}")
     print(f"segment a new image: hermes predict -m {result.model_dir} -i IMAGE.nii.gz -o OUT.nii.gz")
     return 0

@@ -26,7 +26,15 @@ def test_demo_pipeline_runs_and_resumes(tmp_path, capsys) -> None:
         assert (tmp_path / "demo" / name).is_file(), name
     assert "LiverCT (mean)" in result.table
     assert set(result.seconds) == {"cohort", "prepare", "train", "evaluate"}
+    # the report shows the masks: best and worst case per dataset, as PNG files it links to
+    html = result.report.read_text()
+    assert len(result.overlays) == 2  # best and worst case per dataset; here one test case each
+    for png in result.overlays:
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"href='overlays/{png.name}'" in html
+    assert {p.name.split("__")[0] for p in result.overlays} == {"LiverCT", "BrainT1"}
     printed = capsys.readouterr().out  # what was generated: datasets, cases, modalities, labels
+    assert f"segmentation overlay (image | reference | prediction): {result.overlays[0]}" in printed
     assert "Dataset102_LiverCT" in printed and "liver_tumour" in printed and "2 datasets, 6 cases" in printed
     # a second run reuses the cohort and cache and resumes the finished training
     again = run_demo(tmp_path / "demo", train_overrides=overrides, **kwargs)

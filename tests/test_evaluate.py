@@ -119,6 +119,11 @@ def test_cli_writes_csv_summary_and_self_contained_report(nnunet_layout: tuple[P
     images = re.findall(r"src='data:image/png;base64,", html)
     assert len(images) >= 1 + 3  # box plot + best/median/worst overlays
     assert not re.search(r"(src|href)=['\"]https?://", html)  # opens offline
+    from hermes.evaluation.report import overlay_files
+
+    files = overlay_files(out / "report.html")  # the overlays also as PNG files, linked
+    assert len(files) == 3 and all(f.is_file() and f.parent == out / "overlays" for f in files)
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(f.name for f in files)
 
 
 def test_prediction_label_names_are_matched_by_name(nnunet_layout: tuple[Path, Path], tmp_path: Path) -> None:

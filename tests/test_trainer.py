@@ -76,6 +76,18 @@ def test_short_run_writes_a_loadable_model_dir_and_logs(small_cache, tmp_path) -
     saved = ckpt["ema"] if chosen == "ema" else ckpt["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert set(result.val_dice) == set(spec["training"]["validation_dice"])
+    # the held-out cases are recorded (hermes evaluate --split val), and the fallback for older
+    # models (the seeded split redone from the recorded config) finds the same cases
+    from hermes.data.cache import open_cache
+    from hermes.evaluation.evaluate import validation_case_ids
+
+    recorded = spec["training"]["validation_cases"]
+    all_train = open_cache(cfg.cache).train_cases()
+    assert recorded and any(recorded.values())
+    older = {"training": {"config": spec["training"]["config"]}}
+    for name, ids in recorded.items():
+        assert set(ids) < set(all_train[name])
+        assert validation_case_ids(older, name, all_train[name]) == ids
 
 
 @pytest.mark.parametrize("final_weights", ["ema", "raw"])

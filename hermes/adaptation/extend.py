@@ -56,13 +56,15 @@ def make_evaluator(device: str | None = None, progress: bool = True) -> Evaluato
     """Per-task mean Dice (0-100) of a saved model on its catalog's test cases."""
 
     def evaluate(model_dir: Path, datasets: list[str], max_cases: int | None) -> dict[str, tuple[float | None, int]]:
-        from hermes.config import EvaluationConfig
+        from hermes.config import EvaluationConfig, InferenceConfig
         from hermes.evaluation.evaluate import evaluate_model
 
         result = evaluate_model(
             model_dir,
             datasets=datasets,
             device=device,
+            # the networks are compared: a base model's postprocessing.json would favour it
+            inference=InferenceConfig(postprocess=False),
             config=EvaluationConfig(bootstrap_samples=0, workers=1),
             progress=progress,
             max_cases=max_cases,

@@ -13,6 +13,7 @@ A catalog is a YAML file (format and examples in docs/data.md)::
         test_only: false                 # true: never sampled for training (may lack imagesTr)
         absent_means: {Esophagus: unannotated}   # or a scalar; default background (annotation.py)
         annotations: cases.tsv           # per-case annotated label lists (annotation.py)
+        mirror_pairs: [[kidney_left, kidney_right]]   # left/right pairs (see below)
     shared_tasks:
       liver_ct: [AbdomenCT/liver, TotalSegCT/liver]
     preprocessing: {target_spacing: [1.5, 1.5, 1.5]}       # hermes.config.PreprocessConfig
@@ -22,6 +23,13 @@ every dataset is its own task ``<dataset name>/<label name>``; datasets whose pr
 are merged into one shared task explicitly (never guessed: ``hermes catalog show`` only
 *suggests* candidates). Labels stay mutually exclusive, as in the dataset's own label map; a
 nested region (e.g. a kidney including its tumour) is an explicit ``nested_tasks`` entry.
+
+``mirror_pairs`` states that the dataset's anatomy is mirror-symmetric along the left-right
+axis (axis 0 of the canonical RAS arrays) once each listed ``[left, right]`` pair of its labels
+(or nested tasks) is swapped, and that every other task is symmetric itself (a midline or
+bilateral structure). Only then may mirroring test-time augmentation flip that axis of a model
+trained without mirroring (``hermes predict --tta``); leave it out for a dataset with a
+one-sided structure (liver, spleen), and give ``[]`` for a dataset whose tasks are all symmetric.
 
 Task ids are ``0..T-1`` in order of first appearance (datasets in catalog order, labels in
 value order, then nested tasks); the null task is ``T``. Modality ids are ``0..M-1`` over the
@@ -63,6 +71,7 @@ class _DatasetSpec(BaseModel):
     test_only: bool = False
     absent_means: AbsentMeans | dict[str, AbsentMeans] = "background"
     annotations: str | None = None
+    mirror_pairs: list[list[str | int]] | None = None  # [[left, right], ...]
 
     @field_validator("absent_means", mode="before")
     @classmethod
@@ -122,6 +131,8 @@ class DatasetEntry:
     absent_unannotated: tuple[int, ...] = ()
     annotations: dict[str, tuple[int, ...]] | None = None
     annotations_path: str | None = None
+    # Left/right task-id pairs swapped by a left-right mirror; None: no symmetry declared.
+    mirror_pairs: tuple[tuple[int, int], ...] | None = None
 
     @property
     def num_channels(self) -> int:
@@ -154,6 +165,7 @@ class DatasetEntry:
             "absent_unannotated": list(self.absent_unannotated),
             "annotations": None if self.annotations is None else {k: list(v) for k, v in self.annotations.items()},
             "annotations_path": self.annotations_path,
+            "mirror_pairs": None if self.mirror_pairs is None else [list(p) for p in self.mirror_pairs],
         }
 
     @classmethod
@@ -180,6 +192,9 @@ class DatasetEntry:
                 else {str(k): tuple(int(x) for x in v) for k, v in data["annotations"].items()}
             ),
             annotations_path=data.get("annotations_path"),
+            mirror_pairs=None
+            if data.get("mirror_pairs") is None
+            else tuple((int(a), int(b)) for a, b in data["mirror_pairs"]),
         )
 
 
@@ -524,6 +539,9 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
             entry.local_names.append(local)
     for task_name, index in index_of.items():
         tasks.append(TaskSpec(task_name, index, tuple(members_of[task_name])))
+    for index, (ds, entry) in enumerate(zip(parsed.datasets, entries)):
+        if ds.mirror_pairs is not None:
+            entry.mirror_pairs = _mirror_pairs(ds.mirror_pairs, entry, f"{source}: datasets[{index}].mirror_pairs")
 
     return Catalog(
         tasks=tasks,
@@ -533,6 +551,37 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
         source=None,
         spec=resolved_spec,
     )
+
+
+def _mirror_pairs(
+    pairs: list[list[str | int]], entry: DatasetEntry, where: str
+) -> tuple[tuple[int, int], ...]:
+    """``[[left, right], ...]`` of local label (or nested task) names/values -> task-id pairs."""
+    by_local = dict(zip(entry.local_names, entry.task_ids))
+    by_value = {values[0]: task for task, values in zip(entry.task_ids, entry.label_values) if len(values) == 1}
+    resolved: list[tuple[int, int]] = []
+    used: set[int] = set()
+    for number, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ConfigError(f"{where}[{number}]: a pair is [left, right] (two tasks), got {pair!r}")
+        ids = []
+        for item in pair:
+            if isinstance(item, str) and item in by_local:
+                ids.append(by_local[item])
+            elif str(item).isdigit() and int(item) in by_value:
+                ids.append(by_value[int(item)])
+            else:
+                raise ConfigError(
+                    f"{where}[{number}]: {item!r} is not a task of dataset {entry.name!r} "
+                    f"(its tasks: {', '.join(entry.local_names)})"
+                )
+        if ids[0] == ids[1]:
+            raise ConfigError(f"{where}[{number}]: a task cannot be its own mirror pair")
+        if used & set(ids):
+            raise ConfigError(f"{where}[{number}]: a task is in two pairs")
+        used.update(ids)
+        resolved.append((ids[0], ids[1]))
+    return tuple(resolved)
 
 
 def load_catalog(path: str | Path) -> Catalog:

@@ -38,13 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("(b) predict and score a catalog's cases with a model")
     model.add_argument("-m", "--model", type=Path, help="saved model directory")
     model.add_argument("--catalog", type=Path, help="catalog YAML (default: the model's own catalog)")
-    model.add_argument("--split", default="test", choices=["test", "train", "all"], help="cases to score (default test)")
+    model.add_argument(
+        "--split", default=None, choices=["test", "train", "all", "val"],
+        help="cases to score (default test; val: the training cases the model held out for validation)",
+    )
     model.add_argument("--datasets", nargs="+", metavar="NAME", help="only these catalog datasets")
     model.add_argument("--detect-modality", action="store_true",
                        help="let the modality head choose the modality (default: the dataset's, as in the paper)")
     model.add_argument("--output", dest="output_type", choices=["multilabel", "binary"], default=None,
                        help="score the multi-label map (default; overlaps: most probable wins) or each task's own mask")
-    model.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    model.add_argument("--tta", action="store_true",
+                       help="mirroring test-time augmentation (only mirrors that are safe; see hermes predict --help)")
     model.add_argument("--device", default="auto", help="cpu, cuda or auto")
     model.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                        help="autocast precision of the sliding window (default auto: bf16 where native)")
@@ -52,11 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--save-predictions", action="store_true", help="also write OUT/predictions/<dataset>/CASE.nii.gz")
     model.add_argument("--max-cases", type=POSITIVE_INT, default=None,
                        help=f"at most this many cases per dataset, {POSITIVE_INT} (quick checks)")
+    model.add_argument(
+        "--choose-postprocessing", action="store_true",
+        help="on the validation cases (--split val, the default here), keep each task's largest connected "
+        "component where that raises the task's mean Dice; writes MODEL/postprocessing.json, which "
+        "hermes predict applies",
+    )
+    model.add_argument("--no-postprocess", action="store_true", help="score without the model's postprocessing.json")
 
     common = parser.add_argument_group("output")
     common.add_argument("-o", "--out", type=Path, help="output folder (default: PRED/evaluation or MODEL/evaluation_SPLIT)")
     common.add_argument("--report", action="store_true", help="also write a self-contained report.html")
-    common.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation in OUT")
+    common.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier evaluation in OUT (and, with --choose-postprocessing, "
+                        "MODEL/postprocessing.json)")
     common.add_argument("--nsd-tolerance", type=POSITIVE_FLOAT, default=None,
                         help=f"NSD tolerance in mm, {POSITIVE_FLOAT} (default {defaults.nsd_tolerance_mm})")
     common.add_argument("--workers", type=POSITIVE_INT, default=None,
@@ -126,19 +139,48 @@ def run(args: argparse.Namespace) -> int:
         )
         title = f"Evaluation of {args.pred}"
     else:
+        from hermes.inference.postprocess import POSTPROCESSING_FILE, Chooser, save_postprocessing
+
+        split = args.split or ("val" if args.choose_postprocessing else "test")
+        if args.choose_postprocessing and split != "val":
+            raise ConfigError(
+                f"--choose-postprocessing decides on the validation cases (--split val); deciding on the {split} "
+                "split would tune the model on the data it is scored on"
+            )
+        if args.choose_postprocessing and (args.model / POSTPROCESSING_FILE).exists() and not args.overwrite:
+            raise ConfigError(f"{args.model / POSTPROCESSING_FILE} exists; pass --overwrite to decide it again")
         chosen = {"output": args.output_type, "precision": args.precision, "overlap": args.overlap}
-        inference = InferenceConfig(mirror_tta=args.tta, **{k: v for k, v in chosen.items() if v is not None})
-        out = args.out or args.model / f"evaluation_{args.split}"
+        # the decision compares raw masks with their largest component: no stored step applied
+        postprocess = not (args.no_postprocess or args.choose_postprocessing)
+        inference = InferenceConfig(
+            mirror_tta=args.tta, postprocess=postprocess, **{k: v for k, v in chosen.items() if v is not None}
+        )
+        chooser = Chooser() if args.choose_postprocessing else None
+        out = args.out or args.model / f"evaluation_{split}"
         check_results_absent(out, args.overwrite)
         result = evaluate_model(
-            args.model, args.catalog, split=args.split, datasets=args.datasets, inference=inference, config=config,
+            args.model, args.catalog, split=split, datasets=args.datasets, inference=inference, config=config,
             device=None if args.device == "auto" else args.device, detect_modality=args.detect_modality,
             overlays=args.report, save_predictions=out / "predictions" if args.save_predictions else None,
             progress=not args.quiet, max_cases=args.max_cases, ignore_undeclared=args.ignore_undeclared,
+            inspect=chooser,
         )
-        title = f"Evaluation of {args.model} ({args.split} split)"
+        title = f"Evaluation of {args.model} ({split} split)"
+        if chooser is not None:
+            source = {"split": split, "datasets": sorted({row["dataset"] for row in result.rows}),
+                      "output": inference.output, "tta": inference.mirror_tta}
+            plan = chooser.decide(source)
+            path = save_postprocessing(args.model, plan, overwrite=args.overwrite)
+            for task, decision in plan.decisions.items():
+                print(f"{task}: Dice {_fmt(decision['dice_without'])} -> {_fmt(decision['dice_with'])} with the largest "
+                      f"component ({decision['cases']} cases): {'keep' if decision['keep'] else 'not kept'}")
+            print(f"postprocessing: largest component for {len(plan.largest_component)} task(s); wrote {path}")
     write_outputs(result, out, report=args.report, title=title, report_cases=config.report_cases)
     print(result.table())
     written = "metrics.csv, summary.json" + (", report.html" if args.report else "")
     print(f"\nwrote {written} to {out}")
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

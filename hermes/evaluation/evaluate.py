@@ -31,7 +31,7 @@ import math
 import multiprocessing
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -719,6 +719,28 @@ def _model_dataset(predictor: Any, name: str) -> str | None:
     return name if any(entry.name == name for entry in predictor.catalog.datasets) else None
 
 
+def validation_case_ids(spec: dict[str, Any], dataset: str, train_ids: Sequence[str]) -> list[str]:
+    """The cases ``hermes train`` held out of ``dataset`` for validation: as recorded in
+    spec.json (``training.validation_cases``), else the trainer's seeded split of the dataset's
+    training cases redone from the recorded config (``data.val_fraction``, ``val_min_cases``,
+    ``seed``; equal unless the cache skipped cases)."""
+    from hermes.data.sampling import split_cases
+
+    training = spec.get("training") if isinstance(spec.get("training"), dict) else {}
+    recorded = training.get("validation_cases")
+    if isinstance(recorded, dict):
+        return [str(c) for c in recorded.get(dataset, [])]
+    config = training.get("config")
+    if not isinstance(config, dict):
+        raise DataError("the model's spec.json records neither validation cases nor its training config")
+    data = config.get("data") or {}
+    _, val = split_cases(
+        {dataset: list(train_ids)}, float(data.get("val_fraction", 0.1)), int(data.get("val_min_cases", 1)),
+        int(config.get("seed", 0)),
+    )
+    return val[dataset]
+
+
 def evaluate_model(
     model_dir: str | Path,
     catalog_path: str | Path | None = None,
@@ -733,8 +755,13 @@ def evaluate_model(
     progress: bool = True,
     max_cases: int | None = None,
     ignore_undeclared: bool = False,
+    inspect: Callable[[str, str, list[tuple[str, np.ndarray, np.ndarray]]], None] | None = None,
 ) -> EvaluationResult:
     """Predict each selected dataset's ``split`` cases and score them per task.
+
+    ``split``: ``test``, ``train``, ``all``, or ``val`` (the training cases the model held out for
+    validation, :func:`validation_case_ids`). ``inspect(dataset, case, [(task, pred, ref)])`` is
+    called per case with the scored masks (the postprocessing choice measures its variants there).
 
     The prompt is the dataset's own tasks and modality (the paper's oracle protocol) unless
     ``detect_modality``, which lets the modality head choose. Scores are computed on each
@@ -768,15 +795,19 @@ def evaluate_model(
         if unknown:
             raise DataError(f"unknown dataset(s) {', '.join(unknown)}; the catalog has: {', '.join(known)}")
         entries = [e for e in entries if e.name.lower() in wanted]
-    if split not in ("test", "train", "all"):
-        raise DataError(f"unknown split {split!r} (test, train or all)")
+    if split not in ("test", "train", "all", "val"):
+        raise DataError(f"unknown split {split!r} (test, train, all or val)")
 
     task_names = {task.index: task.name for task in catalog.tasks}
     rows: list[dict[str, Any]] = []
     slices: list[OverlaySlice] = []
     for entry in entries:
         info = open_dataset(entry.path)
-        cases = [c for c in info.cases if c.label_path is not None and (split == "all" or c.split == split)]
+        if split == "val":
+            held = set(validation_case_ids(predictor.spec, entry.name, [c.case_id for c in info.train_cases()]))
+            cases = [c for c in info.train_cases() if c.label_path is not None and c.case_id in held]
+        else:
+            cases = [c for c in info.cases if c.label_path is not None and (split == "all" or c.split == split)]
         if max_cases is not None:
             cases = cases[:max_cases]
         tasks = [task_names[t] for t in entry.task_ids]
@@ -804,6 +835,8 @@ def evaluate_model(
             chosen = annotated_values(foreground, np.unique(ref).tolist(), explicit, entry.absent_unannotated)
             annotated = task_annotation(entry, chosen)
             rows.extend(score_case(entry.name, case.case_id, masks, ref_image.spacing, config, annotated))
+            if inspect is not None:  # postprocessing decisions: only pairs the reference annotates
+                inspect(entry.name, case.case_id, [mask for mask, ok in zip(masks, annotated) if ok])
             if save_predictions is not None:
                 prediction.save(Path(save_predictions) / entry.name / f"{case.case_id}.nii.gz", overwrite=True)
             if overlays:

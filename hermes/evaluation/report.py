@@ -1,8 +1,10 @@
 """A self-contained HTML evaluation report: tables, Dice box plots, GT-vs-prediction overlays.
 
 Everything is inlined (CSS, PNGs as base64 data URIs), so the file opens offline, can be mailed
-or attached to a paper's supplement, and does not break when moved. Figures are rendered with
-matplotlib's non-interactive Agg backend (no display needed).
+or attached to a paper's supplement, and does not break when moved. The overlay figures are also
+written as PNG files next to it (``overlays/<dataset>__<kind>__<case>.png``, each linked from its
+figure) to open or share one picture on its own. Figures are rendered with matplotlib's
+non-interactive Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ import base64
 import html
 import io
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hermes.fileio import atomic_write_text
+from hermes.fileio import atomic_directory, atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from hermes.evaluation.evaluate import EvaluationResult, OverlaySlice
+
+OVERLAY_DIR = "overlays"
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;color:#222;
@@ -38,13 +42,21 @@ td.name,th.name{text-align:left} tr.mean td{font-weight:bold;background:#fafafa}
 """
 
 
-def _png(fig: Any) -> str:
+def _png_bytes(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def _uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _png(fig: Any) -> str:
+    return _uri(_png_bytes(fig))
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -157,7 +169,12 @@ def _contours(ax: Any, labels: np.ndarray, colours: np.ndarray) -> None:
 
 
 def overlay_figure(item: OverlaySlice, dice_text: str) -> str:
-    """Image | reference | prediction, same slice, colours per task, legend below."""
+    """:func:`overlay_png` as a data URI."""
+    return _uri(overlay_png(item, dice_text))
+
+
+def overlay_png(item: OverlaySlice, dice_text: str) -> bytes:
+    """Image | reference | prediction, same slice, colours per task, legend below (PNG bytes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +210,7 @@ def overlay_figure(item: OverlaySlice, dice_text: str) -> str:
         fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
     fig.suptitle(f"{item.dataset} / {item.case}   {dice_text}", fontsize=10)
     fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 0.95))
-    return _png(fig)
+    return _png_bytes(fig)
 
 
 def _representative(
@@ -229,7 +246,19 @@ def _representative(
     return [(kind(p), scored[p][1], scored[p][0] if scored[p][0] >= 0 else None) for p in picks]
 
 
-def render_report(result: EvaluationResult, title: str = "Hermes evaluation", report_cases: int = 3) -> str:
+def overlay_file_name(dataset: str, kind: str, case: str) -> str:
+    """``AbdomenCT__best_case__case_003.png`` (file-system safe)."""
+    return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "_", part) for part in (dataset, kind, case)) + ".png"
+
+
+def render_report(
+    result: EvaluationResult,
+    title: str = "Hermes evaluation",
+    report_cases: int = 3,
+    figures: dict[str, bytes] | None = None,
+) -> str:
+    """The report's HTML. ``figures``: when given, receives each overlay PNG under its path
+    relative to the report (``overlays/...png``), and each figure links to that file."""
     summary, rows = result.summary, result.rows
     conv = summary["conventions"]
     parts = [
@@ -258,11 +287,34 @@ def render_report(result: EvaluationResult, title: str = "Hermes evaluation", re
             parts.append("<h3>Reference vs prediction</h3>")
         for kind, item, mean_dice in picks:
             text = f"({kind}, mean Dice {_fmt(mean_dice)})"
-            parts.append(f"<div class=fig><img alt='{html.escape(item.case)}' src='{overlay_figure(item, text)}'></div>")
+            png = overlay_png(item, text)
+            img = f"<img alt='{html.escape(item.case)}' src='{_uri(png)}'>"
+            if figures is not None:
+                name = f"{OVERLAY_DIR}/{overlay_file_name(dataset, kind, item.case)}"
+                figures[name] = png
+                img = f"<a href='{html.escape(name)}'>{img}</a>"
+            parts.append(f"<div class=fig>{img}</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def write_report(path: str | Path, result: EvaluationResult, title: str = "Hermes evaluation",
                  report_cases: int = 3) -> Path:
-    return atomic_write_text(path, render_report(result, title, report_cases))
+    """report.html plus its overlay PNGs (the ``overlays/`` folder beside it is the report's own
+    and is replaced as a whole, atomically, so no picture of an earlier run stays behind)."""
+    path = Path(path)
+    figures: dict[str, bytes] = {}
+    text = render_report(result, title, report_cases, figures)
+    if figures:
+        with atomic_directory(path.parent / OVERLAY_DIR, overwrite=True) as tmp:
+            for name, png in figures.items():
+                atomic_write_bytes(tmp / Path(name).name, png)
+    return atomic_write_text(path, text)
+
+
+def overlay_files(report_path: str | Path) -> list[Path]:
+    """The overlay PNGs written with a report, in the report's order (first: the first dataset's
+    best case)."""
+    text = Path(report_path).read_text()
+    folder = Path(report_path).parent
+    return [folder / name for name in re.findall(rf"href='({OVERLAY_DIR}/[^']+\.png)'", text)]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from hermes.config import InferenceConfig
 from hermes.data.imageio import Image, image_suffix, save_image
-from hermes.errors import DataError
+from hermes.errors import ConfigError, DataError
 from hermes.fileio import atomic_directory, atomic_write_json
 from hermes.inference.predictor import (
     Prediction,
@@ -195,6 +195,7 @@ def predict_files(
     progress: bool = True,
     verbose: bool = True,
     dataset: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Path]:
     """What ``hermes predict`` does; returns ``case_id -> written path``.
 
@@ -203,11 +204,19 @@ def predict_files(
     gets an nnU-Net-style ``dataset.json`` when every case has the same label map; one that
     exists already is never rewritten without ``overwrite``: the run stops, before writing a
     case, if the case's label map differs from it (each case's own map is its ``CASE.json``).
+    ``resume`` (``--continue``): cases whose outputs are complete are skipped
+    (hermes/inference/resume.py), the others are predicted, replacing an incomplete leftover of
+    the interrupted run.
     """
+    from hermes.inference.resume import completed_label_map, completed_metadata
+
+    if resume and overwrite:
+        raise ConfigError("--continue keeps finished outputs and --overwrite replaces them; pass one of the two")
     config = _config(config, tta, output_mode)
     cases, folder_input = discover_inputs(input)
     targets = output_paths(cases, Path(output), folder_input, config.output)
-    if not overwrite:
+    done = {c for c, p in targets.items() if resume and completed_metadata(p, config.output) is not None}
+    if not overwrite and not resume:
         planned = [*targets.values()]
         if config.output == "multilabel":
             planned += [sidecar_path(p) for p in targets.values()]
@@ -232,9 +241,14 @@ def predict_files(
     label_maps = []
     bar = tqdm(cases, desc="cases", unit="case", disable=not (progress and folder_input))
     for case in bar:
+        if case.case_id in done:
+            label_maps.append(completed_label_map(targets[case.case_id], config.output) or {})
+            if verbose:
+                tqdm.write(f"{case.case_id}: complete output kept (--continue): {targets[case.case_id]}", file=sys.stderr)
+            continue
         prediction = _predict_case(
-            predictor, case, targets[case.case_id], tasks, modality, overwrite, progress and not folder_input, verbose,
-            dataset, check,
+            predictor, case, targets[case.case_id], tasks, modality, overwrite or resume, progress and not folder_input,
+            verbose, dataset, check,
         )
         label_maps.append(prediction.label_map())
         if verbose:

@@ -36,7 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"mask per task (default: {defaults.output})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 passes)")
+    parser.add_argument(
+        "--continue", dest="resume", action="store_true",
+        help="resume an interrupted run: skip cases whose outputs are complete, predict the others",
+    )
+    parser.add_argument(
+        "--tta", action="store_true",
+        help="mirroring test-time augmentation over the axes training mirrored, and left-right when the catalog "
+        "declares the datasets' mirror_pairs (swapped); refused when no mirror is safe",
+    )
+    parser.add_argument(
+        "--no-postprocess", action="store_true",
+        help="do not apply the model's postprocessing.json (per-task largest component)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
         "--overlap", type=FRACTION, default=None, help=f"window overlap, {FRACTION} (default {defaults.overlap})"
@@ -73,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 "precision": args.precision,
                 "threshold": args.threshold,
                 "allow_irregular_dicom": args.allow_irregular or None,
+                "postprocess": False if args.no_postprocess else None,
             }.items()
             if v is not None
         }
@@ -86,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         output_mode=args.output_type,
         overwrite=args.overwrite,
+        resume=args.resume,
         device=None if args.device == "auto" else args.device,
         tta=True if args.tta else None,
         config=config,

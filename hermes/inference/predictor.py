@@ -5,7 +5,8 @@ Pipeline per image: choose the modality (given, or the modality head's vote) -> 
 reorientation, body crop, resampling to the training spacing, normalisation; the same function
 ``hermes prepare`` used) -> Gaussian sliding window -> sigmoid -> back to the original grid
 (``restore_to_original``: resampled probabilities, un-cropped, original voxel order, so shape and
-affine equal the input's) -> threshold.
+affine equal the input's) -> threshold -> the model's postprocessing, if decided
+(``postprocess.py``: per-task largest component, MODEL/postprocessing.json).
 
 **Prompts.** A Hermes model reads the requested task list as context (the paper always prompts
 with one dataset's full task list), so tasks are grouped by the dataset that trained them and
@@ -44,12 +45,14 @@ from hermes.data.modalities import UNKNOWN, ModalityVocabulary
 from hermes.data.preprocess import PreprocessPlan, preprocess_image, restore_to_original
 from hermes.errors import ConfigError, DataError, HermesError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_json
+from hermes.inference.postprocess import load_postprocessing
 from hermes.inference.sliding_window import (
     central_window,
     resolve_channels_last,
     resolve_device,
     sliding_window_inference,
 )
+from hermes.inference.tta import check_possible, mirrored_network, plan_mirroring, trained_mirror_axes
 from hermes.models.registry import load_model
 
 OutputMode = Literal["multilabel", "binary"]
@@ -122,6 +125,8 @@ class Prediction:
         path = Path(path)
         check_output(path, overwrite)
         if self.labels is not None:
+            # the sidecar marks the pair complete (--continue): never an old sidecar beside a new image
+            sidecar_path(path).unlink(missing_ok=True)
             written = [save_image(path, self.labels, self.affine)]
             written.append(atomic_write_json(sidecar_path(path), self.metadata()))
             return written
@@ -259,6 +264,10 @@ class Predictor:
             raise ModelError(
                 f"{self.model_dir}: the catalog has {self.catalog.num_tasks} tasks, the model {model_entry['num_tasks']}"
             )
+        self.postprocessing = load_postprocessing(self.model_dir, self.catalog.task_names) if self.config.postprocess else None
+        self.trained_mirror_axes = trained_mirror_axes(self.spec)
+        if self.config.mirror_tta:
+            check_possible(self.trained_mirror_axes, self.catalog)  # refuse before any image is read
         self.channels_last = resolve_channels_last(channels_last, self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -411,6 +420,21 @@ class Predictor:
 
         return network
 
+    def _group_network(self, group: PromptGroup, modality_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The group's network, averaged over the mirrors that are safe for its tasks when TTA is
+        on (hermes/inference/tta.py: trained axes, or left-right with declared pairs swapped)."""
+        if not self.config.mirror_tta:
+            return self._network(group.prompt, group.keep, modality_id)
+        if group.dataset is not None:
+            entries = [self.catalog.dataset(group.dataset)]
+        else:
+            entries = [e for e in self.catalog.datasets if set(e.task_ids) & set(group.keep)]
+        plan = plan_mirroring(self.trained_mirror_axes, entries)
+        extra = plan.extra_tasks(group.keep)  # a swap reads each paired task from its partner
+        outputs = [*group.keep, *extra]
+        prompt = [*group.prompt, *(t for t in extra if t not in group.prompt)]
+        return mirrored_network(self._network(prompt, outputs, modality_id), plan, outputs, len(group.keep))
+
     def _preprocess(self, images: list[Image], plan: PreprocessPlan) -> tuple[np.ndarray, dict[str, Any]]:
         key = plan.digest()
         if key not in self._preprocessed:
@@ -537,18 +561,16 @@ class Predictor:
         else:
             raise ConfigError(f"unknown output {output!r} (multilabel or binary)")
 
-        mirror = (0, 1, 2) if self.config.mirror_tta else ()
         for group in self.prompt_groups(task_ids, chosen, dataset):
             array, meta = self._preprocess(images, group.plan)
             tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))[None]
             logits = sliding_window_inference(
                 tensor,
-                self._network(group.prompt, group.keep, modality_id),
+                self._group_network(group, modality_id),
                 self.patch_size,
                 overlap=self.config.overlap,
                 window_batch_size=self.config.window_batch_size,
                 blend=self.config.blend,
-                mirror_axes=mirror,
                 device=self.device,
                 precision=self.config.precision,
                 channels_last=self.channels_last,
@@ -560,6 +582,8 @@ class Predictor:
                 del prob_cache
                 name = self.catalog.tasks[task].name
                 above = prob >= threshold
+                if labels is None and self.postprocessing is not None:  # binary: per mask
+                    above = self.postprocessing.apply_mask(name, above)
                 if labels is not None and best is not None:
                     wins = above & (prob > best)
                     labels[wins] = position[task] + 1
@@ -570,6 +594,11 @@ class Predictor:
                     on_mask(name, above)
             del logits
         self._preprocessed.clear()
+        extra: dict[str, Any] = {}
+        if self.postprocessing is not None:  # multi-label: on the final map, as it was decided
+            if labels is not None:
+                self.postprocessing.apply_labels(labels, names)
+            extra["postprocessing"] = {"largest_component": [t for t in names if t in self.postprocessing.largest_component]}
         return Prediction(
             affine=np.asarray(image.affine, dtype=np.float64),
             shape=shape,  # type: ignore[arg-type]
@@ -582,6 +611,7 @@ class Predictor:
             masks=masks,
             input=str(image.path) if image.path else None,
             model_dir=str(self.model_dir),
+            extra=extra,
         )
 
 

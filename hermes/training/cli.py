@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"resume and train N steps past the checkpoint's planned schedule (re-plans the LR decay), N {POSITIVE_INT}",
     )
+    parser.add_argument(
+        "--device", default="auto",
+        help="cpu, cuda, cuda:N or auto (default: CUDA when available); an error if CUDA is requested but absent",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and (args.resume or args.extend_steps is not None):
         raise ConfigError("--steps sets the plan of a new run; to train a resumed run longer use --extend-steps N")
     config = load_train_config(args.config, overrides_from_args(args))
-    result = train(config, resume=args.resume, extend_steps=args.extend_steps, progress=not args.no_progress)
+    result = train(
+        config, resume=args.resume, extend_steps=args.extend_steps, progress=not args.no_progress, device=args.device
+    )
     print(f"trained {result.steps} steps; model: {result.model_dir}")
     return 0

@@ -60,22 +60,56 @@ def default_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistContext:
-    """Join the process group if launched by torchrun (``WORLD_SIZE`` > 1); otherwise single process."""
+def choose_device(requested: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The training device: ``None``/"auto" -> :func:`default_device`; "cpu"; "cuda" (under
+    torchrun: this process's GPU by LOCAL_RANK); "cuda:N" (single process only). Raises a
+    ConfigError naming the problem when the request cannot be met."""
+    from hermes.errors import ConfigError
+
+    if requested is None or requested == "auto":
+        return default_device(local_rank)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {requested!r}: not a training device (cpu, cuda, cuda:N or auto)")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {requested}: CUDA was requested but is not available (torch {torch.__version__}, "
+            "no visible GPU); use --device cpu or auto"
+        )
+    count = torch.cuda.device_count()
+    if device.index is None:
+        return torch.device("cuda", local_rank % count)
+    if world_size > 1:
+        raise ConfigError(
+            f"--device {requested}: under torchrun each process takes its GPU from LOCAL_RANK; pass --device cuda"
+        )
+    if device.index >= count:
+        raise ConfigError(f"--device {requested}: there are only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return device
+
+
+def init_distributed(timeout_minutes: float = 30.0, device: str | None = None) -> DistContext:
+    """Join the process group if launched by torchrun (``WORLD_SIZE`` > 1); otherwise single process.
+    ``device``: see :func:`choose_device` (default: CUDA when available)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = default_device(local_rank)
+    chosen = choose_device(device, local_rank, world_size)
     if world_size <= 1:
-        return DistContext(device=device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+        return DistContext(device=chosen)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
     if not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
+            backend="nccl" if chosen.type == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
 
 
 def shutdown_distributed(ctx: DistContext) -> None:

@@ -197,6 +197,8 @@ def model_spec(config: TrainConfig, data: RunData, step: int, amp: AmpSettings, 
             "seed": config.seed,
             "precision": amp.name,
             "validation_dice": {k: (None if math.isnan(v) else v) for k, v in val_dice.items()},
+            # held-out cases per dataset (`hermes evaluate --split val`, postprocessing choice)
+            "validation_cases": {name: list(ids) for name, ids in data.val_cases.items()},
             "config": config.model_dump(mode="json"),
         },
     }

@@ -230,11 +230,17 @@ def choose_final_weights(
 # The loop
 # ----------------------------------------------------------------------------------------------
 def train(
-    config: TrainConfig, resume: bool = False, extend_steps: int | None = None, progress: bool = True
+    config: TrainConfig,
+    resume: bool = False,
+    extend_steps: int | None = None,
+    progress: bool = True,
+    device: str | None = None,
 ) -> TrainResult:
     """Train from ``config`` (or continue its run with ``resume``; ``extend_steps`` plans N more
-    steps past the checkpoint's schedule and implies ``resume``). Works under torchrun."""
-    ctx = init_distributed()
+    steps past the checkpoint's schedule and implies ``resume``). Works under torchrun.
+    ``device``: "cpu", "cuda", "cuda:N" or None/"auto" (CUDA when available); a machine choice,
+    not part of the config, so a run can resume on another machine."""
+    ctx = init_distributed(device=device)
     try:
         return _train(config, ctx, resume or extend_steps is not None, extend_steps or 0, progress)
     finally:
