@@ -451,10 +451,10 @@ def test_evaluation_scores_only_annotated_cases(tmp_path: Path, capsys: pytest.C
     assert "not annotated (not scored)" in (out / "report.html").read_text()
     capsys.readouterr()
     assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--absent-means", "organ=unannotated",
-                 "--bootstrap", "10", "--workers", "1", "--quiet", "-o", str(out)]) == 0
+                 "--bootstrap", "10", "--workers", "1", "--quiet", "-o", str(out), "--overwrite"]) == 0
     assert json.loads((out / "summary.json").read_text())["datasets"]["Dataset910_Partial"]["tasks"]["organ"]["n_cases"] == 3
     assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--absent-means", "kidney=unannotated",
-                 "--quiet", "-o", str(out)]) == 2
+                 "--quiet", "-o", str(out), "--overwrite"]) == 2
     assert "absent_means.kidney: 'kidney' is not a label" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hermes.cli_args import FRACTION, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from hermes.errors import ConfigError
 
 
@@ -35,10 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--synthetic", action="store_true", help="generate + prepare the built-in cohort in WORK")
     data.add_argument("--synthetic-datasets", nargs="+", default=list(PAPER_LIKE), metavar="NAME",
                       help=f"synthetic datasets (default: {' '.join(PAPER_LIKE)})")
-    data.add_argument("--cases", type=int, help="synthetic: training cases per dataset (default: each dataset's own)")
-    data.add_argument("--test-cases", type=int, help="synthetic: test cases per dataset (default: each dataset's own)")
-    data.add_argument("--data-seed", type=int, default=0, help="synthetic: cohort seed (default 0)")
-    data.add_argument("--scale", type=float, default=1.0, help="synthetic: voxels per axis relative to default")
+    data.add_argument("--cases", type=POSITIVE_INT, help=f"synthetic: training cases per dataset, {POSITIVE_INT} (default: each dataset's own)")
+    data.add_argument("--test-cases", type=POSITIVE_INT, help=f"synthetic: test cases per dataset, {POSITIVE_INT} (default: each dataset's own)")
+    data.add_argument("--data-seed", type=NON_NEGATIVE_INT, default=0, help=f"synthetic: cohort seed, {NON_NEGATIVE_INT} (default 0)")
+    data.add_argument("--scale", type=POSITIVE_FLOAT, default=1.0, help=f"synthetic: voxels per axis relative to default, {POSITIVE_FLOAT}")
     data.add_argument("--data-name", help="name of the data in summary.json, e.g. realmini (default: synthetic, or the catalog's folder name)")
 
     runs = parser.add_argument_group("runs")
@@ -46,34 +47,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("--out", type=Path, help="where paradigm.md/.json and summary.json go (default: WORK)")
     runs.add_argument("--models", nargs="+", default=["resunet", "hermes_r"], metavar="KEY",
                       help="rows, in order (default: resunet hermes_r)")
-    runs.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default 0)")
-    runs.add_argument("--steps", type=int, default=200, help="S: optimiser steps of each per-dataset model (default 200)")
+    runs.add_argument("--seeds", type=NON_NEGATIVE_INT, nargs="+", default=[0], help=f"training seeds, {NON_NEGATIVE_INT} (default 0)")
+    runs.add_argument("--steps", type=POSITIVE_INT, default=200,
+                      help=f"S: optimiser steps of each per-dataset model, {POSITIVE_INT} (default 200)")
     runs.add_argument("--budget-rule", default="equal_total_compute", choices=BUDGET_RULES,
                       help="equal_total_compute: universal models train N x S steps (N training datasets); "
                       "equal_steps: every model S steps (default equal_total_compute)")
     runs.add_argument("--recipe", type=Path, help="YAML of TrainConfig overrides given to every run (e.g. loss: {reduction: pair})")
     runs.add_argument("--preset", help="a hermes/configs preset under the recipe (e.g. cpu-demo)")
     runs.add_argument("--preset-size", choices=["tiny", "small", "base"], help="model.preset (default tiny)")
-    runs.add_argument("--patch", type=int, help="cubic patch size (default 32)")
-    runs.add_argument("--batch", type=int, help="batch size (default 2)")
-    runs.add_argument("--lr", type=float, help="learning rate (default 0.004)")
-    runs.add_argument("--val-fraction", type=float,
-                      help="validation hold-out per dataset (default: the config's, the same for both paradigms)")
-    runs.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers (default 0: main process)")
-    runs.add_argument("--prepare-workers", type=int, default=1, help="processes preparing the cache (default 1)")
-    runs.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core per benchmark)")
+    runs.add_argument("--patch", type=POSITIVE_INT, help=f"cubic patch size, {POSITIVE_INT} (default 32)")
+    runs.add_argument("--batch", type=POSITIVE_INT, help=f"batch size, {POSITIVE_INT} (default 2)")
+    runs.add_argument("--lr", type=POSITIVE_FLOAT, help=f"learning rate, {POSITIVE_FLOAT} (default 0.004)")
+    runs.add_argument("--val-fraction", type=FRACTION,
+                      help=f"validation hold-out per dataset, {FRACTION} (default: the config's, the same for both paradigms)")
+    runs.add_argument("--loader-workers", type=NON_NEGATIVE_INT, default=0,
+                      help=f"DataLoader workers, {NON_NEGATIVE_INT} (default 0: main process)")
+    runs.add_argument("--prepare-workers", type=POSITIVE_INT, default=1, help=f"processes preparing the cache, {POSITIVE_INT} (default 1)")
+    runs.add_argument("--threads", type=POSITIVE_INT, default=1, help=f"torch threads, {POSITIVE_INT} (default 1: one core per benchmark)")
     runs.add_argument("--device", help="evaluation device (default: the predictor's choice)")
     runs.add_argument("--deadline", help="HH:MM local time: start no new run after it (the tables are still written)")
     runs.add_argument("--progress", action="store_true", help="a progress bar within each training run")
 
     scoring = parser.add_argument_group("scoring")
-    scoring.add_argument("--max-test-cases", type=int, help="at most this many test cases per dataset")
-    scoring.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    scoring.add_argument("--max-test-cases", type=POSITIVE_INT, help=f"at most this many test cases per dataset, {POSITIVE_INT}")
+    scoring.add_argument("--overlap", type=FRACTION, default=0.5, help=f"sliding-window overlap, {FRACTION} (default 0.5)")
     scoring.add_argument("--compare", nargs="+", type=_pair, metavar="A:B",
                          help="paired differences to report (default: hermes_r:resunet shared_resunet:resunet "
                          "hermes_r:shared_resunet)")
-    scoring.add_argument("--bootstrap-samples", type=int, default=10000, help="bootstrap replicates (default 10000)")
-    scoring.add_argument("--bootstrap-seed", type=int, default=0)
+    scoring.add_argument("--bootstrap-samples", type=POSITIVE_INT, default=10000, help=f"bootstrap replicates, {POSITIVE_INT} (default 10000)")
+    scoring.add_argument("--bootstrap-seed", type=NON_NEGATIVE_INT, default=0, help=f"bootstrap seed, {NON_NEGATIVE_INT}")
     scoring.add_argument("--title", help="table title")
     scoring.add_argument("--summary-into", type=Path,
                          help="merge this run's comparisons into this JSON file (e.g. docs/bench/paradigm_summary.json)")
