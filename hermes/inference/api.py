@@ -188,13 +188,26 @@ def predict_files(
     progress: bool = True,
     verbose: bool = True,
     dataset: str | None = None,
+    output_format: str = "nifti",
+    reference_series: str | Path | None = None,
+    engine: str = "torch",
 ) -> dict[str, Path]:
     """What ``hermes predict`` does; returns ``case_id -> written path``.
 
     Every target is checked before any work: an existing output stops the run (naming it)
-    unless ``overwrite``.
+    unless ``overwrite``. ``output_format`` "dicom-seg"/"rtstruct": see
+    :mod:`hermes.inference.dicom_out`; ``engine`` "onnxruntime": see :mod:`hermes.inference.onnx`.
     """
     config = _config(config, tta, output_mode)
+    if output_format != "nifti":
+        from hermes.inference.dicom_out import predict_dicom_files
+
+        return predict_dicom_files(
+            Predictor(model_dir, device=device, config=config, engine=engine), input, output, output_format,
+            reference_series, tasks, modality, dataset, overwrite, progress, verbose,
+        )
+    if reference_series is not None:
+        raise DataError("--reference-series is only used with --format dicom-seg or rtstruct")
     cases, folder_input = discover_inputs(input)
     targets = output_paths(cases, Path(output), folder_input, config.output)
     if not overwrite:
@@ -202,7 +215,7 @@ def predict_files(
         if existing:
             shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
             raise DataError(f"output exists: {shown}; pass --overwrite to replace")
-    predictor = Predictor(model_dir, device=device, config=config)
+    predictor = Predictor(model_dir, device=device, config=config, engine=engine)
     label_maps = []
     bar = tqdm(cases, desc="cases", unit="case", disable=not (progress and folder_input))
     for case in bar:

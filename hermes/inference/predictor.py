@@ -241,12 +241,15 @@ class Predictor:
         device: str | torch.device | None = None,
         config: InferenceConfig | None = None,
         channels_last: bool | Literal["auto"] = "auto",
+        engine: str = "torch",
     ) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise ModelError(f"model directory not found: {self.model_dir}")
         self.config = config or InferenceConfig()
         self.device = resolve_device(device)
+        if engine != "torch":
+            raise ConfigError(f"unknown engine {engine!r} (torch)")
         self.model, self.spec = load_model(self.model_dir, device=self.device)
         self.catalog = model_catalog(self.model_dir, self.spec)
         self.plans = _load_plans(self.model_dir, self.spec)
