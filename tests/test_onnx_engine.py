@@ -59,6 +59,8 @@ def test_export_folder_graph_and_metadata(model_dir: Path) -> None:
     assert image_dims[1] == 1 and all(isinstance(d, str) for d in image_dims[2:]), image_dims  # dynamic X, Y, Z
     assert isinstance(inputs["task_ids"][1], str)  # dynamic task count
     assert [o.name for o in graph.graph.output] == ["logits", "modality_logits"]
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"InstanceNormalization", "Softmax", "LayerNormalization", "Resize"} <= ops  # norms, attention
     # Existing folder: refused without --overwrite.
     assert main(["export", "-m", str(model_dir), "-o", str(folder)]) == 2
 
