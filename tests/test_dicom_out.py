@@ -3,6 +3,7 @@ masks voxel for voxel against the NIfTI output of the same prediction, UIDs of t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,7 +37,12 @@ def _fake_network(
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 8 mm: coarse and fast; geometry and formats are tested, not segmentation quality.
-    return make_model_dir(tmp_path_factory.mktemp("model") / "model", spacing=(8.0, 8.0, 8.0))
+    model = make_model_dir(tmp_path_factory.mktemp("model") / "model", spacing=(8.0, 8.0, 8.0))
+    # A catalog SNOMED code, as `hermes train` records the catalog's `snomed:` entries.
+    spec = json.loads((model / "spec.json").read_text())
+    spec["datasets"][0]["snomed"] = {"kidney": "9846003"}  # overrides the name lookup (Kidney)
+    (model / "spec.json").write_text(json.dumps(spec))
+    return model
 
 
 @pytest.fixture()
@@ -109,7 +115,9 @@ def test_dicom_seg_equals_nifti_and_references_the_series(
     labels = {d.SegmentNumber: d.SegmentLabel for d in seg.SegmentSequence}
     assert labels == {1: TASKS[0], 2: TASKS[1]}
     liver = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
-    assert (liver.CodingSchemeDesignator, liver.CodeValue) == ("SCT", "10200004")
+    assert (liver.CodingSchemeDesignator, liver.CodeValue) == ("SCT", "10200004")  # by name
+    kidney = seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0]
+    assert kidney.CodeValue == "9846003"  # from the catalog
     # Masks voxel for voxel, frame by frame through each source image's SOP Instance UID.
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=sop_uids, segment_numbers=[1, 2])
     for number, task in enumerate(TASKS):

@@ -10,6 +10,7 @@ A catalog is a YAML file (format and examples in docs/data.md)::
         labels: [liver, kidney]          # default: every foreground label
         nested_tasks: {kidney_all: [kidney, kidney_tumour]}   # a task = a union of labels
         tasks: {liver: liver_ct}         # rename a task; equal names across datasets = shared
+        snomed: {liver: "10200004"}      # SNOMED CT code of a task (DICOM-SEG output); optional
         test_only: false                 # true: never sampled for training (may lack imagesTr)
     shared_tasks:
       liver_ct: [AbdomenCT/liver, TotalSegCT/liver]
@@ -57,6 +58,7 @@ class _DatasetSpec(BaseModel):
     labels: list[str | int] | None = None
     nested_tasks: dict[str, list[str | int]] = Field(default_factory=dict)
     tasks: dict[str, str] = Field(default_factory=dict)
+    snomed: dict[str, str] = Field(default_factory=dict)
     test_only: bool = False
 
 
@@ -100,6 +102,7 @@ class DatasetEntry:
     test_only: bool = False
     num_train: int = 0
     num_test: int = 0
+    snomed: dict[str, str] = field(default_factory=dict)  # local task name -> SNOMED CT code
 
     @property
     def num_channels(self) -> int:
@@ -129,6 +132,7 @@ class DatasetEntry:
             "test_only": self.test_only,
             "num_train": self.num_train,
             "num_test": self.num_test,
+            **({"snomed": dict(self.snomed)} if self.snomed else {}),
         }
 
     @classmethod
@@ -148,6 +152,7 @@ class DatasetEntry:
             test_only=bool(data.get("test_only", False)),
             num_train=int(data.get("num_train", 0)),
             num_test=int(data.get("num_test", 0)),
+            snomed={str(k): str(v) for k, v in (data.get("snomed") or {}).items()},
         )
 
 
@@ -362,6 +367,14 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
                     f"{where}.tasks.{local}: not a selected label or nested task of this dataset "
                     f"(choices: {', '.join(n for n, _ in locals_)})"
                 )
+        for local, code in ds.snomed.items():
+            if local not in {n for n, _ in locals_}:
+                raise ConfigError(
+                    f"{where}.snomed.{local}: not a selected label or nested task of this dataset "
+                    f"(choices: {', '.join(n for n, _ in locals_)})"
+                )
+            if not re.fullmatch(r"\d{6,18}", code):
+                raise ConfigError(f"{where}.snomed.{local}: {code!r} is not a SNOMED CT concept id (6-18 digits)")
 
         n_train, n_test = len(info.train_cases()), len(info.test_cases())
         if n_train == 0 and not ds.test_only:
@@ -387,6 +400,7 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
                 test_only=ds.test_only,
                 num_train=n_train,
                 num_test=n_test,
+                snomed=dict(ds.snomed),
             )
         )
         raw = ds.model_dump(exclude_defaults=True)

@@ -18,7 +18,9 @@ series' own pixel grid slice by slice:
   the contours give the mask exactly, holes included (tests/test_dicom_out.py); planning systems
   that rasterise contours differently may differ by boundary pixels, as for any RTSTRUCT.
 
-**Codes.** A task's segmented property type is looked up by its label name in pydicom's SNOMED
+**Codes.** A task's segmented property type is the catalog's ``snomed`` code of the task when
+the catalog gives one (``snomed: {liver: "10200004"}`` in a dataset entry; meaning from pydicom's
+dictionary, else the label name), otherwise looked up by its label name in pydicom's SNOMED
 CT dictionary (``liver`` -> SCT 10200004 "Liver", ``kidney_left`` -> "Kidney", laterality words
 dropped); a tumour/lesion-like name gets the category "Morphologically abnormal structure" and,
 when not found, the type "Neoplasm"; anything else not found is "Anatomical structure" /
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from pydicom import Dataset
     from pydicom.sr.coding import Code
 
+    from hermes.data.catalog import Catalog
     from hermes.inference.predictor import Prediction, Predictor
 
 OutputFormat = Literal["nifti", "dicom-seg", "rtstruct"]
@@ -208,14 +211,38 @@ def _snomed_names() -> dict[str, str]:
     return {name.lower(): name for name in codes.SCT.dir()}
 
 
-def segment_codes(task: str) -> tuple[Code, Code]:
-    """(segmented property category, type) for a task name, as the module docstring says."""
+@functools.cache
+def _snomed_by_value() -> dict[str, str]:
+    """pydicom's SNOMED CT keywords by concept id (``10200004`` -> ``Liver``)."""
     from pydicom.sr.codedict import codes
+
+    return {str(getattr(codes.SCT, name).value): name for name in codes.SCT.dir()}
+
+
+def catalog_codes(catalog: Catalog) -> dict[str, str]:
+    """Task name -> SNOMED CT concept id from the catalog's ``snomed`` entries (first dataset
+    that gives one for a shared task)."""
+    found: dict[str, str] = {}
+    for entry in catalog.datasets:
+        for local, task_id in zip(entry.local_names, entry.task_ids):
+            if local in entry.snomed:
+                found.setdefault(catalog.tasks[task_id].name, entry.snomed[local])
+    return found
+
+
+def segment_codes(task: str, code: str | None = None) -> tuple[Code, Code]:
+    """(segmented property category, type) for a task name, as the module docstring says;
+    ``code``: the catalog's SNOMED CT concept id for it."""
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
 
     label = task.rsplit("/", 1)[-1]
     words = [w for w in re.split(r"[^A-Za-z0-9]+", label.lower()) if w]
     abnormal = bool(_ABNORMAL.search(label.lower()))
     category = codes.SCT.MorphologicallyAbnormalStructure if abnormal else codes.SCT.AnatomicalStructure
+    if code is not None:
+        known = _snomed_by_value().get(code)
+        return category, getattr(codes.SCT, known) if known else Code(code, "SCT", label[:64])
     candidates = [words, [w for w in words if w not in _LATERALITY]]
     for candidate in candidates:
         name = _snomed_names().get("".join(candidate))
@@ -231,8 +258,12 @@ def _task_frames(prediction: Prediction, indices: list[tuple[np.ndarray, ...]]) 
     return [series_frames(prediction.mask(task), indices) for task in prediction.tasks]
 
 
-def write_dicom_seg(prediction: Prediction, series: SourceSeries, path: str | Path, overwrite: bool = False) -> Path:
-    """One BINARY DICOM-SEG instance with one segment per task of ``prediction``."""
+def write_dicom_seg(
+    prediction: Prediction, series: SourceSeries, path: str | Path, overwrite: bool = False,
+    codes_of_tasks: dict[str, str] | None = None,
+) -> Path:
+    """One BINARY DICOM-SEG instance with one segment per task of ``prediction``;
+    ``codes_of_tasks``: task name -> SNOMED CT concept id (:func:`catalog_codes`)."""
     try:
         import highdicom as hd
     except ImportError as error:
@@ -248,7 +279,7 @@ def write_dicom_seg(prediction: Prediction, series: SourceSeries, path: str | Pa
     )
     descriptions = []
     for number, task in enumerate(prediction.tasks, start=1):
-        category, kind = segment_codes(task)
+        category, kind = segment_codes(task, (codes_of_tasks or {}).get(task))
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
@@ -356,9 +387,12 @@ def dicom_target(output: Path, case_id: str, fmt: str) -> Path:
     return output / f"{case_id}{SUFFIX[fmt]}"
 
 
-def write_dicom(prediction: Prediction, series: SourceSeries, path: Path, fmt: str, overwrite: bool = False) -> Path:
+def write_dicom(
+    prediction: Prediction, series: SourceSeries, path: Path, fmt: str, overwrite: bool = False,
+    codes_of_tasks: dict[str, str] | None = None,
+) -> Path:
     if fmt == "dicom-seg":
-        return write_dicom_seg(prediction, series, path, overwrite)
+        return write_dicom_seg(prediction, series, path, overwrite, codes_of_tasks)
     if fmt == "rtstruct":
         return write_rtstruct(prediction, series, path, overwrite)
     raise ConfigError(f"unknown DICOM format {fmt!r} (one of {', '.join(DICOM_FORMATS)})")
@@ -368,6 +402,7 @@ __all__ = [
     "DICOM_FORMATS",
     "OutputFormat",
     "SourceSeries",
+    "catalog_codes",
     "dicom_target",
     "predict_dicom_files",
     "read_series",
@@ -420,7 +455,7 @@ def predict_dicom_files(
     prediction = predictor.predict(
         image, tasks=tasks, modality=modality, progress=progress, verbose=verbose, dataset=dataset
     )
-    write_dicom(prediction, series, target, fmt, overwrite=overwrite)
+    write_dicom(prediction, series, target, fmt, overwrite=overwrite, codes_of_tasks=catalog_codes(predictor.catalog))
     if verbose:
         print(f"{case.case_id}: {describe(prediction)} -> {target}", file=sys.stderr)
     return {case.case_id: target}
