@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("hermes.data.prepare_cli", "Preprocess the datasets of a catalog into a cache."),
     "train": ("hermes.training.cli", "Train a universal (or per-dataset) model from a YAML config."),
     "predict": ("hermes.inference.cli", "Segment images with a trained model."),
+    "export": ("hermes.inference.export_cli", "Export a trained model to ONNX (predict --engine onnxruntime)."),
     "evaluate": ("hermes.evaluation.cli", "Score predictions (Dice, HD95, NSD) and write reports."),
     "benchmark": ("hermes.evaluation.benchmark_cli", "Universal vs per-dataset models on the same cases, paired CIs."),
     "finetune": ("hermes.adaptation.finetune_cli", "Transfer a trained universal model to a new dataset."),

@@ -142,3 +142,17 @@ def test_cli_show_and_init(small_cohort: Path, tmp_path: Path, capsys: pytest.Ca
     assert suggestions["liver_ct"] == ["AbdomenCT/liver", "LiverCT/liver"]
     assert all("T1" not in n and "T2" not in n for n in suggestions["liver_ct"])
     assert main(["catalog", "show", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_snomed_codes_parsed_validated_and_serialised(small_cohort: Path, tmp_path: Path) -> None:
+    spec = cohort_spec(small_cohort, ["AbdomenCT"])
+    spec["datasets"][0]["snomed"] = {"liver": "10200004"}
+    catalog = load_catalog(write_catalog(tmp_path / "c.yaml", spec))
+    (entry,) = catalog.datasets
+    assert entry.snomed == {"liver": "10200004"}
+    assert Catalog.from_dict(json.loads(json.dumps(catalog.to_dict()))).datasets[0].snomed == entry.snomed
+    for codes, message in (({"pancreas": "15776009"}, r"snomed.pancreas: not a selected label"),
+                           ({"liver": "liver"}, r"snomed.liver: 'liver' is not a SNOMED CT concept id")):
+        spec["datasets"][0]["snomed"] = codes
+        with pytest.raises(ConfigError, match=message):
+            load_catalog(write_catalog(tmp_path / "bad.yaml", spec))

@@ -10,6 +10,7 @@ A catalog is a YAML file (format and examples in docs/data.md)::
         labels: [liver, kidney]          # default: every foreground label
         nested_tasks: {kidney_all: [kidney, kidney_tumour]}   # a task = a union of labels
         tasks: {liver: liver_ct}         # rename a task; equal names across datasets = shared
+        snomed: {liver: "10200004"}      # SNOMED CT code of a task (DICOM-SEG output); optional
         test_only: false                 # true: never sampled for training (may lack imagesTr)
         absent_means: {Esophagus: unannotated}   # or a scalar; default background (annotation.py)
         annotations: cases.tsv           # per-case annotated label lists (annotation.py)
@@ -68,6 +69,7 @@ class _DatasetSpec(BaseModel):
     labels: list[str | int] | None = None
     nested_tasks: dict[str, list[str | int]] = Field(default_factory=dict)
     tasks: dict[str, str] = Field(default_factory=dict)
+    snomed: dict[str, str] = Field(default_factory=dict)
     test_only: bool = False
     absent_means: AbsentMeans | dict[str, AbsentMeans] = "background"
     annotations: str | None = None
@@ -133,6 +135,7 @@ class DatasetEntry:
     annotations_path: str | None = None
     # Left/right task-id pairs swapped by a left-right mirror; None: no symmetry declared.
     mirror_pairs: tuple[tuple[int, int], ...] | None = None
+    snomed: dict[str, str] = field(default_factory=dict)  # local task name -> SNOMED CT code
 
     @property
     def num_channels(self) -> int:
@@ -166,6 +169,7 @@ class DatasetEntry:
             "annotations": None if self.annotations is None else {k: list(v) for k, v in self.annotations.items()},
             "annotations_path": self.annotations_path,
             "mirror_pairs": None if self.mirror_pairs is None else [list(p) for p in self.mirror_pairs],
+            **({"snomed": dict(self.snomed)} if self.snomed else {}),
         }
 
     @classmethod
@@ -195,6 +199,7 @@ class DatasetEntry:
             mirror_pairs=None
             if data.get("mirror_pairs") is None
             else tuple((int(a), int(b)) for a, b in data["mirror_pairs"]),
+            snomed={str(k): str(v) for k, v in (data.get("snomed") or {}).items()},
         )
 
 
@@ -445,6 +450,14 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
                     f"{where}.tasks.{local}: not a selected label or nested task of this dataset "
                     f"(choices: {', '.join(n for n, _ in locals_)})"
                 )
+        for local, code in ds.snomed.items():
+            if local not in {n for n, _ in locals_}:
+                raise ConfigError(
+                    f"{where}.snomed.{local}: not a selected label or nested task of this dataset "
+                    f"(choices: {', '.join(n for n, _ in locals_)})"
+                )
+            if not re.fullmatch(r"\d{6,18}", code):
+                raise ConfigError(f"{where}.snomed.{local}: {code!r} is not a SNOMED CT concept id (6-18 digits)")
 
         absent_unannotated, table, table_path = _annotation_settings(ds, info, locals_, where, base_dir)
 
@@ -475,6 +488,7 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
                 absent_unannotated=absent_unannotated,
                 annotations=table,
                 annotations_path=table_path,
+                snomed=dict(ds.snomed),
             )
         )
         raw = ds.model_dump(exclude_defaults=True)

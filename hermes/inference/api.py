@@ -196,6 +196,9 @@ def predict_files(
     verbose: bool = True,
     dataset: str | None = None,
     resume: bool = False,
+    output_format: str = "nifti",
+    reference_series: str | Path | None = None,
+    engine: str = "torch",
 ) -> dict[str, Path]:
     """What ``hermes predict`` does; returns ``case_id -> written path``.
 
@@ -206,13 +209,23 @@ def predict_files(
     case, if the case's label map differs from it (each case's own map is its ``CASE.json``).
     ``resume`` (``--continue``): cases whose outputs are complete are skipped
     (hermes/inference/resume.py), the others are predicted, replacing an incomplete leftover of
-    the interrupted run.
+    the interrupted run. ``output_format`` "dicom-seg"/"rtstruct": see
+    :mod:`hermes.inference.dicom_out`; ``engine`` "onnxruntime": see :mod:`hermes.inference.onnx_engine`.
     """
     from hermes.inference.resume import completed_label_map, completed_metadata
 
     if resume and overwrite:
         raise ConfigError("--continue keeps finished outputs and --overwrite replaces them; pass one of the two")
     config = _config(config, tta, output_mode)
+    if output_format != "nifti":
+        from hermes.inference.dicom_out import predict_dicom_files
+
+        return predict_dicom_files(
+            Predictor(model_dir, device=device, config=config, engine=engine), input, output, output_format,
+            reference_series, tasks, modality, dataset, overwrite, progress, verbose,
+        )
+    if reference_series is not None:
+        raise DataError("--reference-series is only used with --format dicom-seg or rtstruct")
     cases, folder_input = discover_inputs(input)
     targets = output_paths(cases, Path(output), folder_input, config.output)
     done = {c for c, p in targets.items() if resume and completed_metadata(p, config.output) is not None}
@@ -228,7 +241,7 @@ def predict_files(
     kept_labels = None  # the label map of a dataset.json this run must not change
     if folder_input and config.output == "multilabel" and dataset_json.exists() and not overwrite:
         kept_labels = _existing_label_map(dataset_json)
-    predictor = Predictor(model_dir, device=device, config=config)
+    predictor = Predictor(model_dir, device=device, config=config, engine=engine)
 
     def check(prediction: Prediction) -> None:
         if kept_labels is not None and prediction.label_map() != kept_labels:

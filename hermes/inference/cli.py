@@ -71,6 +71,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "grid from its true slice positions (default: refuse it)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-case messages")
+    parser.add_argument(
+        "--format", dest="output_format", choices=["nifti", "dicom-seg", "rtstruct"], default="nifti",
+        help="nifti (default), dicom-seg (one segment per task) or rtstruct (one ROI per task); the DICOM "
+        "formats need a DICOM series input or --reference-series; -o is a .dcm file or a folder",
+    )
+    parser.add_argument(
+        "--reference-series", metavar="DICOM_DIR",
+        help="the DICOM series a NIfTI input was converted from (same voxels), referenced by --format dicom-seg/rtstruct",
+    )
+    parser.add_argument(
+        "--engine", choices=["torch", "onnxruntime"], default="torch",
+        help="torch (default) or onnxruntime (-m is a `hermes export` folder, or a model folder holding one)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,5 +118,8 @@ def run(args: argparse.Namespace) -> int:
         config=config,
         progress=not args.quiet,
         verbose=not args.quiet,
+        output_format=args.output_format,
+        reference_series=args.reference_series,
+        engine=args.engine,
     )
     return 0

@@ -246,13 +246,20 @@ class Predictor:
         device: str | torch.device | None = None,
         config: InferenceConfig | None = None,
         channels_last: bool | Literal["auto"] = "auto",
+        engine: str = "torch",
     ) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise ModelError(f"model directory not found: {self.model_dir}")
         self.config = config or InferenceConfig()
         self.device = resolve_device(device)
-        self.model, self.spec = load_model(self.model_dir, device=self.device)
+        if engine == "torch":
+            self.model, self.spec = load_model(self.model_dir, device=self.device)
+        else:  # the same pipeline around another runtime's network (hermes/inference/onnx_engine.py)
+            from hermes.inference.onnx_engine import load_engine
+
+            self.model, self.spec = load_engine(self.model_dir, engine, self.device)  # type: ignore[assignment]
+            channels_last = False
         self.catalog = model_catalog(self.model_dir, self.spec)
         self.plans = _load_plans(self.model_dir, self.spec)
         self.patch_size = _patch_size(self.model_dir, self.spec)
