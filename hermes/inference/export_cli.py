@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hermes.cli_args import POSITIVE_FLOAT, POSITIVE_INT
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", required=True, help="saved model directory (hermes train output)")
@@ -13,10 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="export folder (model.onnx, spec.json, hermes_onnx.json); MODEL/onnx lets "
         "`hermes predict --engine onnxruntime -m MODEL` find it",
     )
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=POSITIVE_INT, default=None, help=f"ONNX opset, {POSITIVE_INT} (default: the exporter's)")
     parser.add_argument(
-        "--tolerance", type=float, default=1e-3,
-        help="largest |logit difference| to PyTorch accepted by the verification (default 1e-3)",
+        "--tolerance", type=POSITIVE_FLOAT, default=1e-3,
+        help=f"largest |logit difference| to PyTorch accepted by the verification, {POSITIVE_FLOAT} (default 1e-3)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
 
