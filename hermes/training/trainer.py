@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from hermes.config import TrainConfig, dump_config
 from hermes.data.cache import load_cached_case
+from hermes.data.cache_lock import read_lock
 from hermes.data.loader import make_train_loader
 from hermes.errors import ConfigError
 from hermes.fileio import atomic_write_text
@@ -214,7 +215,8 @@ def train(
     steps past the checkpoint's schedule and implies ``resume``). Works under torchrun."""
     ctx = init_distributed()
     try:
-        return _train(config, ctx, resume or extend_steps is not None, extend_steps or 0, progress)
+        with read_lock(config.cache):  # never read a cache that `hermes prepare` is writing
+            return _train(config, ctx, resume or extend_steps is not None, extend_steps or 0, progress)
     finally:
         shutdown_distributed(ctx)
 
