@@ -48,13 +48,13 @@ import numpy as np
 from nibabel import orientations as nio
 
 from hermes.config import PreprocessConfig
-from hermes.data.cache_integrity import check_case_files, save_array
+from hermes.data.cache_integrity import check_case_files, write_array
 from hermes.data.cache_lock import check_not_being_written, write_lock
 from hermes.data.catalog import Catalog, DatasetEntry, build_catalog
 from hermes.data.normalization import ChannelNorm, body_mask, ct_statistics, pool_ct_statistics
 from hermes.data.preprocess import PreprocessPlan, preprocess_case
 from hermes.errors import ConfigError, DataError, HermesError
-from hermes.fileio import atomic_directory, atomic_write, atomic_write_json
+from hermes.fileio import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +159,10 @@ def _case_job(job: dict[str, Any]) -> dict[str, Any]:
     arrays = {"image.npy": image} if label is None else {"image.npy": image, "label.npy": label, "fg.npy": fg}
     with atomic_directory(target, overwrite=True) as tmp:
         for name, array in arrays.items():
-            files[name] = _write_array(tmp / name, array)
+            files[name] = write_array(tmp / name, array)
         meta["files"] = files  # size + CRC-32 of each array (cache_integrity.py)
         atomic_write_json(tmp / "meta.json", meta)
     return result
-
-
-def _write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
-    """Write one ``.npy`` atomically; returns its size + CRC-32 record."""
-    record: dict[str, Any] = {}
-    atomic_write(path, lambda handle: record.update(save_array(handle, array)))
-    return record
 
 
 def _foreground_sample(label: np.ndarray, case_id: str) -> np.ndarray:

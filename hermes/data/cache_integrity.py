@@ -1,11 +1,10 @@
 """Integrity of cached arrays: size and CRC-32 recorded at write time, checked on open.
 
-``prepare`` writes each ``.npy`` through :class:`ChecksumWriter`, which counts the bytes and
-computes their CRC-32 as they pass (no second read); both go into the case's ``meta.json``
-under ``files``. CRC-32 (zlib) runs at about 1.9 GB/s on one core here, against about
-1.1 GB/s for ``np.save`` + fsync, and catches truncation, zeroed blocks and bit flips;
+``prepare`` writes each ``.npy`` with :func:`write_array`, which records its size and CRC-32
+in the case's ``meta.json`` under ``files``. CRC-32 (zlib) runs at about 1.9 GB/s on one core
+here (``np.save`` + fsync: about 1.6 GB/s) and catches truncation, zeroed blocks and bit flips;
 a cryptographic hash (sha256 ~0.8 GB/s, blake2b ~0.4 GB/s) guards against no threat that
-matters for a local cache.
+matters for a local cache, and xxhash is not a dependency.
 
 Two levels of checking:
 
@@ -23,40 +22,27 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from hermes.errors import DataError
+from hermes.fileio import atomic_write
 
 ARRAY_FILES = ("image.npy", "label.npy", "fg.npy")
 _BLOCK = 1 << 22
 
 
-class ChecksumWriter:
-    """A write-only file wrapper that counts bytes and accumulates their CRC-32."""
+def write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
+    """``np.save`` atomically to ``path``; returns the file's ``{"size", "crc32"}`` record.
 
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
-        self.size = 0
-        self.crc32 = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.crc32 = zlib.crc32(view, self.crc32)
-        self.size += view.nbytes
-        self.handle.write(view)
-        return view.nbytes
-
-    def record(self) -> dict[str, Any]:
-        return {"size": self.size, "crc32": f"{self.crc32:08x}"}
-
-
-def save_array(handle: BinaryIO, array: np.ndarray) -> dict[str, Any]:
-    """``np.save`` into ``handle``; returns the file's ``{"size", "crc32"}`` record."""
-    writer = ChecksumWriter(handle)
-    np.save(writer, array, allow_pickle=False)  # type: ignore[arg-type]
-    return writer.record()
+    The CRC is computed by reading the fresh file back from the page cache: in a 20-case
+    prepare of the synthetic cohort (39 MB of arrays) that took 20 ms of a 1.8-2.6 s run.
+    Hashing while writing (through a wrapper file object) was slower: numpy then leaves its
+    ``tofile`` fast path and copies every chunk.
+    """
+    atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
+    return {"size": path.stat().st_size, "crc32": crc32_of(path)}
 
 
 def _header_size(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
