@@ -238,6 +238,7 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
     loss_fn = HermesLoss(config.loss)
 
     start, total_steps = 0, config.steps
+    rng_state: dict[str, Any] | None = None
     if resume:
         state = load_checkpoint(checkpoint_path(out), map_location=ctx.device)
         _check_resumable(state["config"], config, checkpoint_path(out))
@@ -249,8 +250,7 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
             scaler.load_state_dict(state["scaler"])
         if medcontext is not None and state.get("medcontext") is not None:
             medcontext.load_state_dict(state["medcontext"])
-        if ctx.is_main:
-            restore_rng_state(state["rng"])
+        rng_state = state["rng"]
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     set_schedule_position(scheduler, start)
     if ctx.is_main:
@@ -272,6 +272,10 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not (progress and ctx.is_main))
     step = start
     batches = iter(loader)
+    if rng_state is not None and ctx.is_main:
+        # Last thing before the loop: creating the loader's iterator draws from torch's global
+        # generator, so restoring earlier would leave it one draw off the uninterrupted run.
+        restore_rng_state(rng_state)
     try:
         while step < total_steps:
             batch = to_device(next(batches), ctx.device, amp.channels_last)
