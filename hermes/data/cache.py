@@ -601,7 +601,7 @@ def _prepare(
                     reused.append((entry.name, case.case_id, case.split))
                     continue
                 except DataError as error:  # corrupt: redo it (a repair), never report it reused
-                    log.warning("redoing corrupt case %s/%s: %s", entry.name, case.case_id, error)
+                    log.info("redoing corrupt case %s/%s: %s", entry.name, case.case_id, error)
                     report.repaired[f"{entry.name}/{case.case_id}"] = str(error)
             bad = _read_json(state / entry.name / f"{case.case_id}.bad.json")
             if bad and bad.get("signature") == signature and bad.get("plan_digest") == digest:
