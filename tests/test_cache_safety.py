@@ -127,6 +127,14 @@ def test_two_catalogs_at_once_one_wins_the_other_is_refused(toy, tmp_path: Path)
     assert tree(cache) == tree(clean)  # the refused run changed nothing
 
 
+def test_unwritable_lock_is_a_clear_error(toy, tmp_path: Path) -> None:
+    catalog, _ = toy
+    cache = tmp_path / "cache"
+    (cache / ".lock").mkdir(parents=True)  # as good as a read-only folder, even for root
+    with pytest.raises(DataError, match=r"cache: cannot write the cache \(Is a directory\)"):
+        prepare_cache(load_catalog(catalog), cache, workers=1, progress=False)
+
+
 def test_no_wait_exits_with_a_clear_message(toy, tmp_path: Path) -> None:
     catalog, _ = toy
     cache = tmp_path / "cache"
@@ -195,7 +203,10 @@ def test_another_catalog_needs_add_or_replace(toy, tmp_path: Path) -> None:
     assert prepare_cache(load_catalog(renamed), cache, workers=1, progress=False).reused == 3
     # Changed settings are another cache.
     slow = catalog_yaml(tmp_path / "a3.yaml", load_catalog(a).datasets[0].path, preprocessing={"target_spacing": [2.0, 2.0, 2.0]})
-    with pytest.raises(DataError, match=r"preprocessing differs \(target_spacing: cached None, now \[2.0, 2.0, 2.0\]\)"):
+    with pytest.raises(DataError, match=(
+        r"another catalog \(preprocessing differs \(target_spacing: cached None, now \[2.0, 2.0, 2.0\]\)\); "
+        r"use --replace to start it over, or another --out"
+    )):
         prepare_cache(load_catalog(slow), cache, workers=1, progress=False)
 
     # --add keeps the cached dataset's cases and adds the new one.
@@ -228,7 +239,9 @@ def test_add_keeps_the_cached_ct_normalisation(small_cohort: Path, tmp_path: Pat
     cache = tmp_path / "cache"
     prepare_cache(load_catalog(first), cache, workers=1, progress=False)
     kidney = open_cache(cache).plans["KidneyCT"].channels[0]
-    prepare_cache(load_catalog(second), cache, workers=1, progress=False, mode="add")
+    report = prepare_cache(load_catalog(second), cache, workers=1, progress=False, mode="add")
+    kidney_cases = open_cache(cache).cases["KidneyCT"]
+    assert report.reused == len(kidney_cases["train"]) + len(kidney_cases["test"]) > 0  # cached cases kept
     liver = open_cache(cache).plans["LiverCT"].channels[0]
     assert (liver.ct_mean, liver.ct_std) == (kidney.ct_mean, kidney.ct_std)
     alone = tmp_path / "alone"

@@ -469,12 +469,13 @@ def _resolve_mode(catalog: Catalog, out: Path, mode: PrepareMode) -> tuple[Catal
     if previous["identity"] == current:
         return catalog, pool  # type: ignore[return-value]
     differences = _differences(previous["identity"], current)
-    if mode != "add":
-        raise DataError(
-            f"{out} holds a cache of another catalog ({'; '.join(differences)}); use --add to add this "
-            "catalog's datasets to it, --replace to start it over, or another --out"
-        )
     conflicts = [d for d in differences if d.startswith(("dataset ", "preprocessing"))]
+    if mode != "add":
+        add = "" if conflicts else "use --add to add this catalog's datasets to it, "
+        raise DataError(
+            f"{out} holds a cache of another catalog ({'; '.join(differences)}); {add}"
+            f"{'use ' if conflicts else ''}--replace to start it over, or another --out"
+        )
     if conflicts:
         raise DataError(
             f"--add: {'; '.join(conflicts)} in the cache {out}; a dataset already cached must keep its "

@@ -85,7 +85,10 @@ def write_lock(cache: str | Path, wait: bool = True) -> Iterator[None]:
         yield
         return
     path = lock_path(cache)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise DataError(f"{cache}: cannot write the cache ({error.strerror})") from None
     try:
         if not _try_flock(fd, fcntl.LOCK_EX):
             who = holder(cache)
