@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -252,7 +253,7 @@ def test_add_keeps_the_cached_ct_normalisation(small_cohort: Path, tmp_path: Pat
 # --------------------------------------------------------------------------------------------
 # Integrity
 # --------------------------------------------------------------------------------------------
-def test_truncated_array_is_named_and_repaired(toy, tmp_path: Path) -> None:
+def test_truncated_array_is_named_and_repaired(toy, tmp_path: Path, capsys) -> None:
     from hermes.config import DataConfig
     from hermes.data.sampling import PatchSampler
 
@@ -276,6 +277,17 @@ def test_truncated_array_is_named_and_repaired(toy, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=message):  # what training would hit
         for index in range(4):
             sampler.batch(index)
+    # `hermes train` names it before the first step (not inside a DataLoader worker).
+    from hermes.cli import main
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "catalog": str(catalog_path), "cache": str(cache), "output": str(tmp_path / "run"), "steps": 1,
+        "data": {"patch_size": [32, 32, 32], "num_workers": 2}, "model": {"preset": "tiny"},
+    }))
+    assert main(["train", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"hermes train: error: {message}", err) and "Traceback" not in err and "worker" not in err, err
     # An old cache (no size record): the npy header still tells the size.
     old_meta = {k: v for k, v in meta.items() if k != "files"}
     (cache / "Toy" / "case1" / "meta.json").write_text(json.dumps(old_meta, indent=2) + "\n")

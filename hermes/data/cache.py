@@ -723,6 +723,25 @@ def load_cached_case(cache_dir: str | Path, dataset: str, case_id: str, mmap: bo
     return CachedCase(dataset, case_id, path, image, label, meta)
 
 
+def check_cached_cases(cache_dir: str | Path, cases: dict[str, list[str]]) -> None:
+    """The cheap checks of :func:`load_cached_case` (sizes, npy headers) on every listed case,
+    before training starts: a corrupt case is named here, in the main process, rather than
+    inside a DataLoader worker. About 0.2 ms per case."""
+    for dataset, case_ids in cases.items():
+        for case_id in case_ids:
+            path = Path(cache_dir) / dataset / case_id
+            meta = _read_json(path / "meta.json")
+            try:
+                if meta is None:
+                    raise DataError(f"{path / 'meta.json'}: missing or unreadable")
+                check_case_files(path, meta)
+            except DataError as error:
+                raise DataError(
+                    f"{error}; run `hermes prepare CATALOG --out {Path(cache_dir)} --verify` to re-check the cache "
+                    "and redo corrupt cases"
+                ) from None
+
+
 @dataclass
 class CacheIndex:
     path: Path
