@@ -726,7 +726,7 @@ def load_cached_case(cache_dir: str | Path, dataset: str, case_id: str, mmap: bo
 def check_cached_cases(cache_dir: str | Path, cases: dict[str, list[str]]) -> None:
     """The cheap checks of :func:`load_cached_case` (sizes, npy headers) on every listed case,
     before training starts: a corrupt case is named here, in the main process, rather than
-    inside a DataLoader worker. About 0.2 ms per case."""
+    inside a DataLoader worker. Measured 0.4 ms per case (meta.json + 3 arrays, warm page cache)."""
     for dataset, case_ids in cases.items():
         for case_id in case_ids:
             path = Path(cache_dir) / dataset / case_id
