@@ -109,3 +109,28 @@ def test_intensity_ops_behave() -> None:
     assert torch.equal(noisy, apply_intensity(x, [("noise", 0.1)], 7)) and (noisy - x).std() == pytest.approx(0.1, abs=0.01)
     low = apply_intensity(x, [("low_resolution", 2.0)], 0)
     assert low.shape == x.shape and not torch.equal(low, x)
+
+
+def test_elastic_deformation_moves_the_label_with_the_image() -> None:
+    """With elastic on, image and label are warped by one field: an image that renders the
+    label (one channel per label value) must still match its augmented label voxel by voxel.
+
+    Where a channel interpolates to exactly 1, every voxel around the sample point has that
+    label, so the nearest-neighbour label must be it; where it is 0, none has it."""
+    _, label = volume()
+    values = (3, 7)
+    image = np.stack([(label == v).astype(np.float32) for v in values])
+    config = AugmentConfig(spatial_prob=1.0, rotation_deg=20, elastic=True, elastic_magnitude=(3.0, 3.0),
+                           intensity_prob={"default": 0.0})
+    moved_by_elastic = 0
+    for seed in range(6):
+        center = (20.0, 18.0, 15.0)
+        img, lab = augment_patch(np.random.default_rng(seed), config, "mr", image, label, center, (24, 24, 24))
+        for channel, value in enumerate(values):
+            assert torch.all(lab[img[channel] > 1 - 1e-4] == value)
+            assert torch.all(lab[img[channel] < 1e-4] != value)
+        # The same draw without its elastic field gives another label patch: the field matters.
+        spatial = draw_spatial(np.random.default_rng(seed), config)
+        _, rigid = extract_patch(image, label, center, (24, 24, 24), SpatialDraw(spatial.matrix))
+        moved_by_elastic += int((rigid != lab).sum())
+    assert moved_by_elastic > 500

@@ -56,6 +56,22 @@ def test_rng_state_restores_every_generator() -> None:
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
 
+def test_rng_states_after_a_checkpoint_round_trip_equal_the_captured_ones(tmp_path) -> None:
+    """Through the real path (capture -> save -> load -> restore), each global state itself is
+    back, not only its next draw."""
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    random.random(), np.random.rand(), torch.rand(1)
+    py, nps, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    path = save_checkpoint(tmp_path / "last.pt", {"rng": capture_rng_state()})
+    random.seed(4), np.random.seed(4), torch.manual_seed(4)
+    random.gauss(0, 1), np.random.standard_normal(), torch.randn(3)
+    restore_rng_state(load_checkpoint(path)["rng"])
+    assert random.getstate() == py
+    after = np.random.get_state()
+    assert after[0] == nps[0] and np.array_equal(after[1], nps[1]) and after[2:] == nps[2:]
+    assert torch.equal(torch.get_rng_state(), th)
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"step": 1})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import yaml
 from hermes.config import AugmentConfig, DataConfig
 from hermes.data.cache import open_cache, prepare_cache
 from hermes.data.catalog import Catalog, load_catalog
+from hermes.data.imageio import save_image
 from hermes.data.loader import load_cached_case, make_train_loader
 from hermes.data.sampling import PatchSampler, dataset_probabilities, split_cases, training_cases
 from hermes.errors import ConfigError
@@ -141,14 +144,79 @@ def test_dataset_probabilities() -> None:
         dataset_probabilities(cases, 0.5, {"typo": 1.0})
 
 
-def test_foreground_oversampling_and_weights(prepared) -> None:
+def binomial_tolerance(p: float, n: int, z: float = 4.5) -> float:
+    """Half-width of a z-sigma band for a frequency estimated from n draws (false alarm ~1e-5)."""
+    return z * math.sqrt(max(p * (1 - p), 1e-4) / n)
+
+
+@pytest.fixture(scope="module")
+def speck(tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, Path]:
+    """Cases whose only structure is a 3x3x3 speck in a 36^3 body: a random patch centre lands
+    on it with probability ~1e-3, so the share of centres on it measures the oversampling."""
+    root = tmp_path_factory.mktemp("speck")
+    folder = root / "Dataset960_Speck"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1"}, "labels": {"background": 0, "speck": 1}, "file_ending": ".nii.gz", "numTraining": 3,
+    }))
+    rng = np.random.default_rng(0)
+    for i, corner in enumerate([(5, 5, 5), (20, 8, 14), (10, 25, 27)]):
+        label = np.zeros((36, 36, 36), np.uint8)
+        label[tuple(slice(c, c + 3) for c in corner)] = 1
+        image = 100.0 + 50.0 * label + rng.normal(0, 1, label.shape)
+        save_image(folder / "imagesTr" / f"s{i}_0000.nii.gz", image.astype(np.float32), np.eye(4))
+        save_image(folder / "labelsTr" / f"s{i}.nii.gz", label, np.eye(4))
+    (root / "catalog.yaml").write_text(yaml.safe_dump({"datasets": [{"path": str(folder)}]}))
+    catalog = load_catalog(root / "catalog.yaml")
+    prepare_cache(catalog, root / "cache", workers=1, progress=False)
+    return catalog, root / "cache"
+
+
+def test_foreground_share_follows_foreground_fraction(speck) -> None:
+    """Over many batches, the share of patches centred on foreground is the configured
+    ``foreground_fraction`` (plus the ~1e-3 chance of a random centre hitting the speck),
+    within a binomial bound, whatever the seed."""
+    catalog, cache = speck
+    patch, batches = 9, 150
+    ids = {"Speck": open_cache(cache).cases["Speck"]["train"]}
+    for seed, fraction in [(0, 0.0), (1, 0.2), (2, 0.5), (3, 0.85), (4, 1.0)]:
+        cfg = config(patch_size=[patch] * 3, batch_size=8, foreground_fraction=fraction, augment=AugmentConfig(enabled=False))
+        smp = PatchSampler(catalog, str(cache), cfg, ids, seed=seed)
+        centre = patch // 2  # an odd patch: its centre voxel is the sampled centre
+        hits = [float(v) for b in map(smp.batch, range(batches)) for v in b["target"][:, 0, centre, centre, centre]]
+        n = len(hits)
+        assert abs(np.mean(hits) - fraction) <= binomial_tolerance(fraction, n) + 0.005, (seed, fraction, np.mean(hits))
+
+
+def test_dataset_frequencies_follow_dataset_probabilities(prepared) -> None:
+    """Each dataset's share of many samples is its ``dataset_probabilities`` value within a
+    binomial bound: case-count weighting (power 1 over 3/1/2 cases) and explicit weights."""
+    catalog, cache = prepared
+    cases = open_cache(cache).cases
+    train = {"AbdomenCT": cases["AbdomenCT"]["train"][:3], "LiverCT": cases["LiverCT"]["train"][:1],
+             "BrainT1": cases["BrainT1"]["train"][:2]}
+    assert [len(v) for v in train.values()] == [3, 1, 2]
+    settings = [
+        ({"sampling_power": 1.0}, {"AbdomenCT": 3 / 6, "LiverCT": 1 / 6, "BrainT1": 2 / 6}),
+        ({"sampling_power": 0.0}, {"AbdomenCT": 1 / 3, "LiverCT": 1 / 3, "BrainT1": 1 / 3}),
+        ({"dataset_weights": {"LiverCT": 6.0, "BrainT1": 0.0}}, {"AbdomenCT": 3**0.5 / (6 + 3**0.5), "LiverCT": 6 / (6 + 3**0.5)}),
+    ]
+    for seed, (extra, expected) in enumerate(settings):
+        cfg = config(patch_size=[8, 8, 8], batch_size=16, augment=AugmentConfig(enabled=False), **extra)
+        assert dataset_probabilities(train, cfg.sampling_power, cfg.dataset_weights) == pytest.approx(expected)
+        smp = PatchSampler(catalog, str(cache), cfg, train, seed=seed)
+        names = [catalog.datasets[i].name for b in map(smp.batch, range(100)) for i in b["dataset_id"].tolist()]
+        for name in train:
+            share = names.count(name) / len(names)
+            p = expected.get(name, 0.0)
+            assert abs(share - p) <= binomial_tolerance(p, len(names)), (extra, name, share, p)
+
+
+def test_foreground_fraction_one_and_zero_weights(prepared) -> None:
     catalog, cache = prepared
     no_aug = AugmentConfig(enabled=False)
     fg = sampler(catalog, cache, config(batch_size=8, foreground_fraction=1.0, augment=no_aug))
-    bg = sampler(catalog, cache, config(batch_size=8, foreground_fraction=0.0, augment=no_aug))
-    hits_fg = [float(b["target"].amax(dim=(2, 3, 4))[b["task_mask"]].mean()) for b in map(fg.batch, range(4))]
-    hits_bg = [float(b["target"].amax(dim=(2, 3, 4))[b["task_mask"]].mean()) for b in map(bg.batch, range(4))]
-    assert np.mean(hits_fg) > np.mean(hits_bg)
     # A sample centred on a class always contains that class, so with fraction 1 every
     # sample has at least one positive task channel.
     for b in map(fg.batch, range(4)):

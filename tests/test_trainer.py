@@ -107,9 +107,30 @@ def test_final_weights_option_saves_the_named_weights(small_cache, tmp_path, fin
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(small_cache, tmp_path, monkeypatch) -> None:
+    import random
+
+    import numpy as np
+
     import hermes.training.trainer as trainer_module
 
+    # A stochastic layer (dropout, a user's augmentation) draws from the global generators
+    # during each step; a resumed run must see the draws the uninterrupted run saw.
+    draws: list[tuple[float, float, float]] = []
+    real_step = trainer_module.train_step
+
+    def step_with_global_draws(*args, **kwargs):
+        draws.append((float(torch.rand(1)), float(np.random.rand()), random.random()))
+        return real_step(*args, **kwargs)
+
+    def seed_globals(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    monkeypatch.setattr(trainer_module, "train_step", step_with_global_draws)
+    seed_globals(1)
     straight = train(_config(small_cache, tmp_path / "a", steps=3, data=NO_VALIDATION), progress=False)
+    straight_draws, draws[:] = list(draws), []
     real_save = trainer_module.save_checkpoint
 
     def save_then_die(path, state):
@@ -117,13 +138,16 @@ def test_resume_repeats_the_uninterrupted_run_exactly(small_cache, tmp_path, mon
         if state["step"] == 2:
             raise KeyboardInterrupt  # killed right after the mid-run checkpoint
 
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    seed_globals(1)
+    with monkeypatch.context() as dying, pytest.raises(KeyboardInterrupt):
+        dying.setattr(trainer_module, "save_checkpoint", save_then_die)
         train(_config(small_cache, tmp_path / "b", steps=3, data=NO_VALIDATION), progress=False)
-    monkeypatch.undo()
     assert load_checkpoint(checkpoint_path(tmp_path / "b"))["step"] == 2
+    draws[:] = []
+    seed_globals(99)  # a new process starts with other global states
     resumed = train(_config(small_cache, tmp_path / "b", steps=3, data=NO_VALIDATION), resume=True, progress=False)
     assert resumed.steps == 3
+    assert draws == straight_draws[2:]  # torch, numpy and Python generators all restored
     assert resumed.losses == straight.losses[2:]  # bit-identical, not approximately equal
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # the log has no duplicate rows
     a = load_checkpoint(checkpoint_path(tmp_path / "a"))

@@ -38,6 +38,7 @@ from hermes.adaptation import engine
 from hermes.adaptation.gate import GateResult, compare
 from hermes.config import ExtendConfig
 from hermes.data.cache import open_cache
+from hermes.data.cache_lock import read_lock
 from hermes.data.catalog import Catalog
 from hermes.errors import ConfigError, DataError
 from hermes.fileio import atomic_directory, atomic_write_json
@@ -277,10 +278,12 @@ def run_extend(
             seed=config.seed,
             rehearsal_samples=config.rehearsal_batch if extra_batches is not None else 0,
         )
-    result = engine.train(
-        setup.model, batches, config, dev, frozen=setup.frozen, extra_batches=extra_batches,
-        extra_loss=distiller, null_task_id=setup.catalog.null_task_id, progress=progress,
-    )
+    # Never read a cache that `hermes prepare` is writing.
+    with read_lock(config.cache), read_lock(config.old_cache or config.cache):
+        result = engine.train(
+            setup.model, batches, config, dev, frozen=setup.frozen, extra_batches=extra_batches,
+            extra_loss=distiller, null_task_id=setup.catalog.null_task_id, progress=progress,
+        )
     spec = engine.merged_spec(setup, Path(config.cache), "extend", config, result)
     spec["adaptation"][-1].update({"train_cases": cases, "rehearsal_buffer": buffer})
 

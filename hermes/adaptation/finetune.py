@@ -17,6 +17,7 @@ import torch
 from hermes.adaptation import engine
 from hermes.config import FinetuneConfig
 from hermes.data.cache import open_cache
+from hermes.data.cache_lock import read_lock
 from hermes.errors import ConfigError
 from hermes.fileio import atomic_directory, atomic_write_json
 
@@ -50,7 +51,8 @@ def run_finetune(
     names = [entry.name for entry in setup.train_catalog.datasets]
     cases = engine.choose_cases(index.train_cases(), names, config.max_train_cases, config.seed, str(config.cache))
     batches = engine.make_loader(setup.train_catalog, config.cache, data, cases, config.seed)
-    result = engine.train(setup.model, batches, config, dev, frozen=setup.frozen, progress=progress)
+    with read_lock(config.cache):  # never read a cache that `hermes prepare` is writing
+        result = engine.train(setup.model, batches, config, dev, frozen=setup.frozen, progress=progress)
     spec = engine.merged_spec(setup, Path(config.cache), "finetune", config, result)
     spec["adaptation"][-1]["train_cases"] = cases
     with atomic_directory(output, overwrite=overwrite) as tmp:

@@ -8,7 +8,9 @@ Layout (docs/architecture.md)::
     CACHE/<dataset>/<case_id>/fg.npy     (N, 4) int32 rows (label value, x, y, z): a sample of
                                          each label's voxels, for foreground oversampling
     CACHE/<dataset>/<case_id>/meta.json  geometry, sources, plan digest (see preprocess.py)
-    CACHE/.state/                        per-case fingerprints and bad-case records (resuming)
+    CACHE/.state/                        per-case fingerprints and bad-case records (resuming),
+                                         catalog.json: what the cache was prepared from
+    CACHE/.lock                          the cache lock (cache_lock.py)
 
 Two passes. The *fingerprint* pass reads headers (spacing) and, for CT training images, the
 voxel statistics that the CT normalisation pools; its per-case results are kept in
@@ -17,10 +19,17 @@ atomically (temp dir + rename), so a killed run leaves only complete cases; a ca
 only if its source files (size + mtime) or its dataset's plan changed. Nothing in the cache
 depends on time or on the order in which workers finish, so an interrupted-then-resumed run
 gives the same bytes as an uninterrupted one.
+
+Safety (docs/safety.md, "Cache"): ``prepare`` holds the cache lock for its whole run (a second
+one waits), refuses a catalog other than the one the cache holds unless told to add to it or
+start over (``mode``), and records each array's size and CRC-32 in ``meta.json``; a case whose
+arrays do not match is redone instead of reused, and :func:`load_cached_case` names the
+corrupt file instead of failing inside numpy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,18 +42,20 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from nibabel import orientations as nio
 
 from hermes.config import PreprocessConfig
 from hermes.data.annotation import annotation_meta, annotation_spec
-from hermes.data.catalog import Catalog, DatasetEntry
+from hermes.data.cache_integrity import check_case_files, write_array
+from hermes.data.cache_lock import check_not_being_written, write_lock
+from hermes.data.catalog import Catalog, DatasetEntry, build_catalog
 from hermes.data.normalization import ChannelNorm, body_mask, ct_statistics, pool_ct_statistics
 from hermes.data.preprocess import PreprocessPlan, preprocess_case
-from hermes.errors import DataError, HermesError
-from hermes.fileio import atomic_directory, atomic_write, atomic_write_json
+from hermes.errors import ConfigError, DataError, HermesError
+from hermes.fileio import atomic_directory, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,9 @@ CACHE_VERSION = 1
 # patches anywhere in a structure, small enough to load instantly.
 MAX_FOREGROUND_VOXELS = 10_000
 STATE_DIR = ".state"
+IDENTITY_FILE = "catalog.json"  # in STATE_DIR
+# Preprocessing settings that change how prepare runs, not what it writes.
+_NOT_CONTENT = ("workers", "on_bad_case")
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,11 +158,12 @@ def _case_job(job: dict[str, Any]) -> dict[str, Any]:
     else:
         meta["labels_present"] = None
     target = Path(job["out"]) / dataset / case_id
+    files: dict[str, dict[str, Any]] = {}
+    arrays = {"image.npy": image} if label is None else {"image.npy": image, "label.npy": label, "fg.npy": fg}
     with atomic_directory(target, overwrite=True) as tmp:
-        atomic_write(tmp / "image.npy", lambda f: np.save(f, image, allow_pickle=False))
-        if label is not None:
-            atomic_write(tmp / "label.npy", lambda f: np.save(f, label, allow_pickle=False))
-            atomic_write(tmp / "fg.npy", lambda f: np.save(f, fg, allow_pickle=False))
+        for name, array in arrays.items():
+            files[name] = write_array(tmp / name, array)
+        meta["files"] = files  # size + CRC-32 of each array (cache_integrity.py)
         atomic_write_json(tmp / "meta.json", meta)
     return result
 
@@ -203,16 +218,17 @@ def median_spacing(spacings: list[list[float]], config: PreprocessConfig) -> tup
     return tuple(round(s, 4) for s in med)  # type: ignore[return-value]
 
 
-def make_plans(catalog: Catalog, fingerprints: dict[tuple[str, str], dict[str, Any]]) -> dict[str, PreprocessPlan]:
+def make_plans(
+    catalog: Catalog, fingerprints: dict[tuple[str, str], dict[str, Any]], ct_pool: tuple[float, float] | None = None
+) -> dict[str, PreprocessPlan]:
+    """Per-dataset plans; CT channels share one normalisation pooled over all CT training
+    images, or ``ct_pool`` (mean, std) when given (a cache that datasets were added to keeps
+    the normalisation its existing cases were made with)."""
     config = catalog.preprocessing
-    ct_stats = [
-        stats
-        for (dataset, _case), fp in sorted(fingerprints.items())
-        if not catalog.dataset(dataset).test_only and fp.get("split") == "train"
-        for stats in fp.get("ct") or []
-        if stats is not None
-    ]
-    ct_mean, ct_std = pool_ct_statistics(ct_stats, config.ct_window)
+    if ct_pool is not None:
+        ct_mean, ct_std = ct_pool
+    else:
+        ct_mean, ct_std = pool_ct_statistics(ct_statistics_of(catalog, fingerprints), config.ct_window)
     plans: dict[str, PreprocessPlan] = {}
     for entry in catalog.datasets:
         fps = [fp for (d, _), fp in sorted(fingerprints.items()) if d == entry.name and "error" not in fp]
@@ -244,6 +260,17 @@ def make_plans(catalog: Catalog, fingerprints: dict[tuple[str, str], dict[str, A
     return plans
 
 
+def ct_statistics_of(catalog: Catalog, fingerprints: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, float]]:
+    """The pooled-CT sums of every CT channel of every training image (test-only excluded)."""
+    return [
+        stats
+        for (dataset, _case), fp in sorted(fingerprints.items())
+        if not catalog.dataset(dataset).test_only and fp.get("split") == "train"
+        for stats in fp.get("ct") or []
+        if stats is not None
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # prepare
 # --------------------------------------------------------------------------------------------
@@ -252,9 +279,12 @@ class PrepareReport:
     processed: int = 0
     reused: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # "dataset/case" -> reason
+    repaired: dict[str, str] = field(default_factory=dict)  # "dataset/case" -> what was corrupt
 
     def summary(self) -> str:
         text = f"{self.processed} case(s) preprocessed, {self.reused} reused"
+        if self.repaired:
+            text += f", {len(self.repaired)} corrupt case(s) redone"
         if self.skipped:
             text += f", {len(self.skipped)} skipped (bad input)"
         return text
@@ -333,20 +363,178 @@ class _Pool:
                 yield result
 
 
+PrepareMode = Literal["resume", "add", "replace"]
+
+
 def prepare_cache(
-    catalog: Catalog, out: str | Path, workers: int | None = None, progress: bool = True
+    catalog: Catalog,
+    out: str | Path,
+    workers: int | None = None,
+    progress: bool = True,
+    *,
+    mode: PrepareMode = "resume",
+    wait: bool = True,
+    verify: bool = False,
 ) -> PrepareReport:
-    """Preprocess every case of every catalog dataset into ``out`` (resumable, parallel)."""
+    """Preprocess every case of every catalog dataset into ``out`` (resumable, parallel).
+
+    ``mode``: ``resume`` prepares the catalog the cache was made from (or a new cache),
+    reusing finished cases; a cache of another catalog is an error. ``add`` keeps the cache's
+    datasets and adds this catalog's (a dataset in both must have the same source and
+    settings). ``replace`` removes what earlier runs wrote, then starts over.
+    ``wait``: wait for another ``prepare`` that holds the cache lock (False: a DataError).
+    ``verify``: check the CRC-32 of every reused case, not only its sizes; corrupt cases are
+    redone either way and listed in ``report.repaired``.
+    """
+    if mode not in ("resume", "add", "replace"):
+        raise ConfigError(f"prepare mode must be resume, add or replace, got {mode!r}")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    config = catalog.preprocessing
-    workers = config.workers if workers is None else workers
-    _clean_leftovers(out)
-    with _Pool(workers) as pool:
-        return _prepare(catalog, out, pool, progress)
+    workers = catalog.preprocessing.workers if workers is None else workers
+    with write_lock(out, wait=wait):
+        _clean_leftovers(out)  # safe: no other prepare can be running on this cache
+        catalog, ct_pool = _resolve_mode(catalog, out, mode)
+        atomic_write_json(
+            out / STATE_DIR / IDENTITY_FILE,
+            {"identity": cache_identity(catalog), "catalog": catalog.to_dict(), "ct_pool": ct_pool},
+        )
+        with _Pool(workers) as pool:
+            return _prepare(catalog, out, pool, progress, ct_pool, verify)
 
 
-def _prepare(catalog: Catalog, out: Path, pool: _Pool, progress: bool) -> PrepareReport:
+# --------------------------------------------------------------------------------------------
+# Which catalog a cache holds (resume / add / replace)
+# --------------------------------------------------------------------------------------------
+def cache_identity(catalog: Catalog) -> dict[str, Any]:
+    """What the cached bytes depend on: each dataset's source and settings, and the
+    preprocessing config (without ``workers``/``on_bad_case``). Task definitions are not part
+    of it: they change no cached file (training maps label values to tasks)."""
+    preprocessing = catalog.preprocessing.model_dump(mode="json")
+    return {
+        "preprocessing": {k: v for k, v in preprocessing.items() if k not in _NOT_CONTENT},
+        "datasets": {
+            entry.name: {
+                "path": str(entry.path),
+                "modality": entry.modality,
+                "family": entry.family,
+                "channel_names": list(entry.channel_names),
+                "labels": dict(entry.labels),
+                "test_only": entry.test_only,
+            }
+            for entry in catalog.datasets
+        },
+    }
+
+
+def _previous(out: Path) -> dict[str, Any] | None:
+    """What the cache was (last) prepared from: the state file, else an older cache's index."""
+    state = _read_json(out / STATE_DIR / IDENTITY_FILE)
+    if state and "identity" in state and "catalog" in state:
+        return state
+    index = _read_json(out / "cache.json")
+    if index and "catalog" in index:
+        old = Catalog.from_dict(index["catalog"])
+        return {"identity": cache_identity(old), "catalog": index["catalog"], "ct_pool": None}
+    return None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    parts = []
+    added = [n for n in new["datasets"] if n not in old["datasets"]]
+    missing = [n for n in old["datasets"] if n not in new["datasets"]]
+    if added:
+        parts.append(f"new dataset(s) {', '.join(added)}")
+    if missing:
+        parts.append(f"cached dataset(s) not in this catalog: {', '.join(missing)}")
+    for name, settings in new["datasets"].items():
+        cached = old["datasets"].get(name)
+        if cached is not None and cached != settings:
+            keys = [k for k in settings if settings[k] != cached.get(k)]
+            detail = "; ".join(f"{k}: cached {cached.get(k)!r}, now {settings[k]!r}" for k in keys)
+            parts.append(f"dataset {name!r} differs ({detail})")
+    keys = sorted(k for k in new["preprocessing"] if new["preprocessing"][k] != old["preprocessing"].get(k))
+    if keys:
+        detail = "; ".join(f"{k}: cached {old['preprocessing'].get(k)!r}, now {new['preprocessing'][k]!r}" for k in keys)
+        parts.append(f"preprocessing differs ({detail})")
+    return parts
+
+
+def _resolve_mode(catalog: Catalog, out: Path, mode: PrepareMode) -> tuple[Catalog, tuple[float, float] | None]:
+    """The catalog to prepare (merged with the cache's for ``add``) and a pinned CT pool."""
+    previous = _previous(out)
+    if mode == "replace":
+        _wipe(out, previous)
+        return catalog, None
+    if previous is None:
+        return catalog, None
+    pool = tuple(previous["ct_pool"]) if previous.get("ct_pool") else None
+    current = cache_identity(catalog)
+    if previous["identity"] == current:
+        return catalog, pool  # type: ignore[return-value]
+    differences = _differences(previous["identity"], current)
+    conflicts = [d for d in differences if d.startswith(("dataset ", "preprocessing"))]
+    if mode != "add":
+        add = "" if conflicts else "use --add to add this catalog's datasets to it, "
+        raise DataError(
+            f"{out} holds a cache of another catalog ({'; '.join(differences)}); {add}"
+            f"{'use ' if conflicts else ''}--replace to start it over, or another --out"
+        )
+    if conflicts:
+        raise DataError(
+            f"--add: {'; '.join(conflicts)} in the cache {out}; a dataset already cached must keep its "
+            "source and settings (give the new one another `name:`, or use --replace)"
+        )
+    merged = _merge_catalogs(Catalog.from_dict(previous["catalog"]), catalog, out)
+    return merged, pool or _cached_ct_pool(out)  # type: ignore[return-value]
+
+
+def _merge_catalogs(old: Catalog, new: Catalog, out: Path) -> Catalog:
+    """``new`` plus the cached datasets it does not list (their modalities and shared tasks
+    too); built and validated like any catalog."""
+    names = {entry.name for entry in new.datasets}
+    spec = dict(new.spec)
+    kept = [raw for raw, entry in zip(old.spec.get("datasets", []), old.datasets) if entry.name not in names]
+    spec["datasets"] = [*new.spec.get("datasets", []), *kept]
+    for key in ("modalities", "shared_tasks"):
+        spec[key] = {**(old.spec.get(key) or {}), **(new.spec.get(key) or {})}
+    source = f"{new.source or 'catalog'} + the catalog cached in {out}"
+    try:
+        merged = build_catalog(spec, Path("/"), source)
+    except ConfigError as error:
+        raise ConfigError(f"--add: {error}") from None
+    merged.source = new.source
+    return merged
+
+
+def _cached_ct_pool(out: Path) -> tuple[float, float] | None:
+    """The CT normalisation the cached CT datasets were made with (None: no CT cached)."""
+    index = _read_json(out / "cache.json") or {}
+    for plan in (index.get("plans") or {}).values():
+        for channel in plan.get("channels", []):
+            if channel.get("family") == "ct":
+                return float(channel["ct_mean"]), float(channel["ct_std"])
+    return None
+
+
+def _wipe(out: Path, previous: dict[str, Any] | None) -> None:
+    """Remove what earlier prepares wrote (case folders, index, state), nothing else: a case
+    folder is recognised by a meta.json naming that dataset and case."""
+    datasets = set((previous or {}).get("identity", {}).get("datasets", {}))
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for case_dir in sorted(folder.iterdir()):
+            meta = _read_json(case_dir / "meta.json") if case_dir.is_dir() else None
+            if meta and meta.get("dataset") == folder.name and meta.get("case_id") == case_dir.name:
+                shutil.rmtree(case_dir)
+        if folder.name in datasets or not any(folder.iterdir()):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if now empty
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    (out / "cache.json").unlink(missing_ok=True)
+
+
+def _prepare(
+    catalog: Catalog, out: Path, pool: _Pool, progress: bool, ct_pool: tuple[float, float] | None, verify: bool
+) -> PrepareReport:
     config = catalog.preprocessing
     from hermes.data.readers import open_dataset
 
@@ -395,7 +583,7 @@ def _prepare(catalog: Catalog, out: Path, pool: _Pool, progress: bool) -> Prepar
         if "error" in fp:
             _bad(report, config, dataset, case_id, fp["error"])
 
-    plans = make_plans(catalog, fingerprints)
+    plans = make_plans(catalog, fingerprints, ct_pool)
 
     # ---- pass 2: cases ------------------------------------------------------------------------
     jobs = []
@@ -416,12 +604,18 @@ def _prepare(catalog: Catalog, out: Path, pool: _Pool, progress: bool) -> Prepar
                 except DataError as error:
                     _bad(report, config, entry.name, case.case_id, str(error))
                     continue
-            meta_path = out / entry.name / case.case_id / "meta.json"
+            case_dir = out / entry.name / case.case_id
+            meta_path = case_dir / "meta.json"
             meta = _read_json(meta_path)
             if meta and meta.get("source_signature") == signature and meta.get("plan_digest") == digest and meta.get("split") == case.split:
-                _refresh_annotation(meta_path, meta, annotation)
-                reused.append((entry.name, case.case_id, case.split))
-                continue
+                try:
+                    check_case_files(case_dir, meta, full=verify)
+                    _refresh_annotation(meta_path, meta, annotation)
+                    reused.append((entry.name, case.case_id, case.split))
+                    continue
+                except DataError as error:  # corrupt: redo it (a repair), never report it reused
+                    log.info("redoing corrupt case %s/%s: %s", entry.name, case.case_id, error)
+                    report.repaired[f"{entry.name}/{case.case_id}"] = str(error)
             bad = _read_json(state / entry.name / f"{case.case_id}.bad.json")
             if bad and bad.get("signature") == signature and bad.get("plan_digest") == digest:
                 _bad(report, config, entry.name, case.case_id, bad["reason"])
@@ -535,11 +729,40 @@ def load_cached_case(cache_dir: str | Path, dataset: str, case_id: str, mmap: bo
     if not meta_path.is_file():
         raise DataError(f"{path}: no cached case here (run `hermes prepare` for this catalog)")
     mode = "r" if mmap else None
-    meta = json.loads(meta_path.read_text())
-    image = np.load(path / "image.npy", mmap_mode=mode, allow_pickle=False)
-    label_path = path / "label.npy"
-    label = np.load(label_path, mmap_mode=mode, allow_pickle=False) if label_path.exists() else None
+    repair = f"run `hermes prepare CATALOG --out {Path(cache_dir)} --verify` to re-check the cache and redo corrupt cases"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{meta_path}: unreadable ({error}); {repair}") from None
+    try:
+        check_case_files(path, meta)  # sizes + npy headers: a stat and ~128 bytes per file
+        image = np.load(path / "image.npy", mmap_mode=mode, allow_pickle=False)
+        label_path = path / "label.npy"
+        label = np.load(label_path, mmap_mode=mode, allow_pickle=False) if label_path.exists() else None
+    except DataError as error:
+        raise DataError(f"{error}; {repair}") from None
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cached case unreadable ({error}); {repair}") from None
     return CachedCase(dataset, case_id, path, image, label, meta)
+
+
+def check_cached_cases(cache_dir: str | Path, cases: dict[str, list[str]]) -> None:
+    """The cheap checks of :func:`load_cached_case` (sizes, npy headers) on every listed case,
+    before training starts: a corrupt case is named here, in the main process, rather than
+    inside a DataLoader worker. Measured 0.4 ms per case (meta.json + 3 arrays, warm page cache)."""
+    for dataset, case_ids in cases.items():
+        for case_id in case_ids:
+            path = Path(cache_dir) / dataset / case_id
+            meta = _read_json(path / "meta.json")
+            try:
+                if meta is None:
+                    raise DataError(f"{path / 'meta.json'}: missing or unreadable")
+                check_case_files(path, meta)
+            except DataError as error:
+                raise DataError(
+                    f"{error}; run `hermes prepare CATALOG --out {Path(cache_dir)} --verify` to re-check the cache "
+                    "and redo corrupt cases"
+                ) from None
 
 
 @dataclass
@@ -566,7 +789,10 @@ class CacheIndex:
 
 
 def open_cache(cache_dir: str | Path) -> CacheIndex:
+    """Read a cache's index; refuses (DataError) while a ``hermes prepare`` is writing it."""
     path = Path(cache_dir)
+    if path.is_dir():
+        check_not_being_written(path)
     index_path = path / "cache.json"
     if not index_path.is_file():
         raise DataError(f"{path}: not a Hermes cache (no cache.json); run `hermes prepare CATALOG --out {path}`")

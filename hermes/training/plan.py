@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hermes.config import ModelConfig, TrainConfig
-from hermes.data.cache import CacheIndex, open_cache
+from hermes.data.cache import CacheIndex, check_cached_cases, open_cache
 from hermes.data.catalog import Catalog, load_catalog
 from hermes.data.sampling import training_cases
 from hermes.errors import ConfigError, DataError, HermesError
@@ -91,6 +91,7 @@ def load_data(config: TrainConfig) -> RunData:
         task_ids_of_model = sorted({t for entry in catalog.datasets if entry.name in train for t in entry.task_ids})
     if not train:
         raise DataError(f"no training cases: the cache {config.cache} has none for the catalog's datasets")
+    check_cached_cases(config.cache, {name: train.get(name, []) + val.get(name, []) for name in {*train, *val}})
     return RunData(catalog, cache, train, val, task_ids_of_model)
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from hermes.config import TrainConfig, dump_config
 from hermes.data.cache import load_cached_case
+from hermes.data.cache_lock import read_lock
 from hermes.data.loader import make_train_loader
 from hermes.errors import ConfigError
 from hermes.fileio import atomic_write_text
@@ -242,7 +243,8 @@ def train(
     not part of the config, so a run can resume on another machine."""
     ctx = init_distributed(device=device)
     try:
-        return _train(config, ctx, resume or extend_steps is not None, extend_steps or 0, progress)
+        with read_lock(config.cache):  # never read a cache that `hermes prepare` is writing
+            return _train(config, ctx, resume or extend_steps is not None, extend_steps or 0, progress)
     finally:
         shutdown_distributed(ctx)
 
@@ -264,6 +266,7 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
     loss_fn = HermesLoss(config.loss)
 
     start, total_steps = 0, config.steps
+    rng_state: dict[str, Any] | None = None
     if resume:
         state = load_checkpoint(checkpoint_path(out), map_location=ctx.device)
         _check_resumable(state["config"], config, checkpoint_path(out))
@@ -275,8 +278,7 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
             scaler.load_state_dict(state["scaler"])
         if medcontext is not None and state.get("medcontext") is not None:
             medcontext.load_state_dict(state["medcontext"])
-        if ctx.is_main:
-            restore_rng_state(state["rng"])
+        rng_state = state["rng"]
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     set_schedule_position(scheduler, start)
     if not (config.medcontext.enabled and config.medcontext.reuse_validation_ema):
@@ -300,6 +302,10 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not (progress and ctx.is_main))
     step = start
     batches = iter(loader)
+    if rng_state is not None and ctx.is_main:
+        # Last thing before the loop: creating the loader's iterator draws from torch's global
+        # generator, so restoring earlier would leave it one draw off the uninterrupted run.
+        restore_rng_state(rng_state)
     try:
         while step < total_steps:
             batch = to_device(next(batches), ctx.device, amp.channels_last)
