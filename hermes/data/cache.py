@@ -677,7 +677,9 @@ def _refresh_annotation(meta_path: Path, meta: dict[str, Any], annotation: dict[
     if annotation is None or meta.get("labels_present") is None:
         return
     fields = annotation_meta(annotation, (int(v) for v in meta["labels_present"]))
-    if any(meta.get(key) != value for key, value in fields.items()):
+    # Only what training reads decides: a renamed or regrouped task (annotated_tasks, names for
+    # people, as of the first prepare) leaves the case's files untouched.
+    if any(meta.get(key) != fields[key] for key in ("annotated_labels", "annotation_source")):
         atomic_write_json(meta_path, {**meta, **fields})
 
 
