@@ -845,8 +845,9 @@ def evaluate_model(
             annotated = task_annotation(entry, chosen)
             rows.extend(score_case(entry.name, case.case_id, masks, ref_image.spacing, config, annotated))
             if detect_modality:
+                raw = prediction.extra.get("modality_scores", {}).get(prediction.modality)  # uncapped softmax
                 recognition.append(RecognitionRecord(entry.name, case.case_id, entry.modality, prediction.modality,
-                                                     prediction.modality_probability))
+                                                     prediction.modality_probability if raw is None else raw))
                 given = predictor.predict(image, tasks=tasks, modality=entry.modality, progress=False,
                                           dataset=_model_dataset(predictor, entry.name))
                 given_masks = [(task, given.mask(task), ref_mask) for (task, _, ref_mask) in masks]

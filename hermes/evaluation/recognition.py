@@ -9,8 +9,9 @@ the ``modality_recognition`` section of summary.json, the text table and the HTM
 * ``confusion``: true modality (the catalog's) x predicted modality, counts of cases;
 * ``per_modality``: cases, correct guesses and accuracy per true modality, and ``accuracy``
   over all cases;
-* ``confidence``: the head's probability of its guess, mean over right and over wrong
-  guesses, and the highest probability any wrong guess had (an over-confident head shows here);
+* ``confidence``: the head's raw softmax probability of its guess (not the capped value
+  ``hermes predict`` reports, hermes/inference/modality_guess.py), mean over right and over
+  wrong guesses, and the highest any wrong guess had (an over-confident head shows here);
 * ``dice``: per dataset, the mean Dice over its tasks with the given and with the inferred
   modality on the same cases, and their difference (inferred - given).
 """
