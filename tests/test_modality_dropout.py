@@ -112,3 +112,29 @@ def test_loss_uses_the_true_modality_while_the_prompt_is_dropped() -> None:
     assert torch.equal(model.seen[0], prompt)
     # the modality term is the cross-entropy against the true modality of every sample
     assert terms["modality"] == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_training_with_every_prompt_dropped_still_learns_the_modality(small_cache, tmp_path) -> None:
+    """End to end through `hermes train`: the prompts are all unknown, the modality loss is not 0
+    (it reads the true modality), and the saved model says it was trained for recognition."""
+    import csv
+
+    from hermes.config import TrainConfig
+    from hermes.inference.modality_guess import trained_for_recognition
+    from hermes.models.registry import load_model
+    from hermes.training.trainer import train
+
+    catalog, cache = small_cache
+    cfg = TrainConfig.model_validate({
+        "catalog": str(catalog), "cache": str(cache), "output": str(tmp_path / "run"), "steps": 2, "log_every": 1,
+        "checkpoint_every": 2, "precision": "fp32", "model": {"preset": "tiny"}, "optim": {"warmup_steps": 1},
+        "data": {"patch_size": [32, 32, 32], "batch_size": 2, "num_workers": 0, "val_fraction": 0.0,
+                 "modality_dropout": 1.0},
+    })
+    result = train(cfg, progress=False)
+    with (tmp_path / "run" / "train_log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(float(row["modality"]) > 0 for row in rows)
+    _, spec = load_model(result.model_dir)
+    assert trained_for_recognition(spec) is True
