@@ -129,8 +129,8 @@ def recognition_html(section: dict[str, Any]) -> str:
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
     for true, row in confusion.items():
-        cells = "".join(
-            f"<td{' class=diag' if c == true else ''}>{row.get(c, 0)}</td>" for c in columns
+        cells = "".join(  # the diagonal (right guesses) in bold
+            f"<td><b>{row.get(c, 0)}</b></td>" if c == true else f"<td>{row.get(c, 0)}</td>" for c in columns
         )
         body.append(f"<tr><th>{esc(true)}</th>{cells}<td>{_fmt(section['per_modality'][true]['accuracy'])}</td></tr>")
     conf = section["confidence"]
