@@ -159,6 +159,13 @@ class DataConfig(Strict):
     # small tumours then get 1/n_tasks of these patches). The rest are drawn dataset-first
     # (dataset by the weights above, case uniform, `foreground_fraction`). 0: dataset-first only.
     task_balance: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Modality-prompt dropout: share of samples whose modality prior in the model's prompt is
+    # replaced by the unknown modality (the modality loss still uses the true modality). It
+    # trains the path `hermes predict` takes without --modality (modality head and
+    # segmentation under the unknown prior), which otherwise never sees a training step.
+    # 0.2: one sample in five, enough for the unknown path to be trained every few steps while
+    # 80% of the steps keep the given-modality prompt that evaluation and --modality use.
+    modality_dropout: float = Field(default=0.2, ge=0.0, le=1.0)
     num_workers: int = 2
     # Cases held out from each dataset's training split for validation during training.
     val_fraction: float = 0.1

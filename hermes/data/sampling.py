@@ -249,7 +249,21 @@ class PatchSampler:
         """The batch number ``batch_index`` of this (seed, rank): a pure function of the three."""
         rng = self.batch_rng(batch_index)
         samples = [self.sample(rng) for _ in range(self.config.batch_size)]
-        return collate_batch(samples, self.catalog.null_task_id)
+        batch = collate_batch(samples, self.catalog.null_task_id)
+        # drawn after the samples, so that the patches do not depend on the dropout rate
+        batch["modality_prompt_id"] = modality_prompt(
+            rng, batch["modality_id"], self.config.modality_dropout, self.catalog.unknown_modality_id
+        )
+        return batch
+
+
+def modality_prompt(rng: np.random.Generator, modality_id: torch.Tensor, rate: float, unknown_id: int) -> torch.Tensor:
+    """The modality ids of the model's prompt: each replaced by ``unknown_id`` with probability
+    ``rate`` (modality-prompt dropout, ``data.modality_dropout``), so that the unknown-modality
+    path used by ``hermes predict`` without ``--modality`` is trained. ``modality_id`` itself
+    (the modality loss's target) is left unchanged."""
+    drop = torch.as_tensor(rng.random(len(modality_id)) < rate)
+    return torch.where(drop, torch.full_like(modality_id, int(unknown_id)), modality_id)
 
 
 def collate_batch(samples: Sequence[Mapping[str, Any]], null_task_id: int) -> dict[str, Any]:

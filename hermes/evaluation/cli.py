@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--datasets", nargs="+", metavar="NAME", help="only these catalog datasets")
     model.add_argument("--detect-modality", action="store_true",
-                       help="let the modality head choose the modality (default: the dataset's, as in the paper)")
+                       help="let the modality head choose the modality (default: the dataset's, as in the paper) "
+                       "and report its recognition: confusion matrix, Dice with inferred vs given modality "
+                       "(each case is predicted twice)")
     model.add_argument("--output", dest="output_type", choices=["multilabel", "binary"], default=None,
                        help="score the multi-label map (default; overlaps: most probable wins) or each task's own mask")
     model.add_argument("--tta", action="store_true",

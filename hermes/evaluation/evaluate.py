@@ -59,6 +59,7 @@ from hermes.data.imageio import (
 )
 from hermes.errors import DataError
 from hermes.evaluation.metrics import MaskScores, score_masks
+from hermes.evaluation.recognition import RecognitionRecord, format_recognition, recognition_summary
 from hermes.fileio import atomic_write_json, atomic_write_text, json_safe
 
 METRICS = ("dice", "hd95", "nsd")
@@ -103,7 +104,10 @@ class EvaluationResult:
     overlays: list[OverlaySlice] = field(default_factory=list)
 
     def table(self) -> str:
-        return format_table(self.summary)
+        text = format_table(self.summary)
+        if "modality_recognition" in self.summary:
+            text += "\n" + format_recognition(self.summary["modality_recognition"])
+        return text
 
 
 def read_label_file(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -764,7 +768,10 @@ def evaluate_model(
     called per case with the scored masks (the postprocessing choice measures its variants there).
 
     The prompt is the dataset's own tasks and modality (the paper's oracle protocol) unless
-    ``detect_modality``, which lets the modality head choose. Scores are computed on each
+    ``detect_modality``, which lets the modality head choose; each case is then predicted a
+    second time with its given modality, and ``summary["modality_recognition"]``
+    (hermes/evaluation/recognition.py) holds the confusion matrix and the Dice with inferred
+    vs given modality on the same cases. Scores are computed on each
     case's native grid against ``isin(label, label_values_of_task)``. With the default
     multi-label output, overlapping task masks are resolved as ``hermes predict`` does (the
     most probable task wins), which is what a user of the written files gets; pass
@@ -800,6 +807,8 @@ def evaluate_model(
 
     task_names = {task.index: task.name for task in catalog.tasks}
     rows: list[dict[str, Any]] = []
+    given_rows: list[dict[str, Any]] = []  # detect_modality: the same cases with the given modality
+    recognition: list[RecognitionRecord] = []
     slices: list[OverlaySlice] = []
     for entry in entries:
         info = open_dataset(entry.path)
@@ -835,6 +844,15 @@ def evaluate_model(
             chosen = annotated_values(foreground, np.unique(ref).tolist(), explicit, entry.absent_unannotated)
             annotated = task_annotation(entry, chosen)
             rows.extend(score_case(entry.name, case.case_id, masks, ref_image.spacing, config, annotated))
+            if detect_modality:
+                raw = prediction.extra.get("modality_scores", {}).get(prediction.modality)  # uncapped softmax
+                recognition.append(RecognitionRecord(entry.name, case.case_id, entry.modality, prediction.modality,
+                                                     prediction.modality_probability if raw is None else raw))
+                given = predictor.predict(image, tasks=tasks, modality=entry.modality, progress=False,
+                                          dataset=_model_dataset(predictor, entry.name))
+                given_masks = [(task, given.mask(task), ref_mask) for (task, _, ref_mask) in masks]
+                given_rows.extend(score_case(entry.name, case.case_id, given_masks, ref_image.spacing, config,
+                                             annotated))
             if inspect is not None:  # postprocessing decisions: only pairs the reference annotates
                 inspect(entry.name, case.case_id, [mask for mask, ok in zip(masks, annotated) if ok])
             if save_predictions is not None:
@@ -850,5 +868,8 @@ def evaluate_model(
                 )
     if not rows:
         raise DataError(f"no labelled {split} cases in the selected datasets of {catalog_path or model_dir}")
-    return EvaluationResult(rows, summarize(rows, config), slices)
+    summary = summarize(rows, config)
+    if detect_modality:
+        summary["modality_recognition"] = recognition_summary(recognition, summarize(given_rows, config), summary)
+    return EvaluationResult(rows, summary, slices)
 

@@ -272,6 +272,10 @@ def render_report(
         "<h2>Overview</h2>",
         overview_table(summary),
     ]
+    if "modality_recognition" in summary:  # hermes evaluate --detect-modality
+        from hermes.evaluation.recognition import recognition_html
+
+        parts.append(recognition_html(summary["modality_recognition"]))
     by_dataset: dict[str, list[OverlaySlice]] = defaultdict(list)
     for item in result.overlays:
         by_dataset[item.dataset].append(item)

@@ -45,6 +45,7 @@ from hermes.data.modalities import UNKNOWN, ModalityVocabulary
 from hermes.data.preprocess import PreprocessPlan, preprocess_image, restore_to_original
 from hermes.errors import ConfigError, DataError, HermesError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_json
+from hermes.inference.modality_guess import guess_message, reported_probability, trained_for_recognition
 from hermes.inference.postprocess import load_postprocessing
 from hermes.inference.sliding_window import (
     central_window,
@@ -523,6 +524,7 @@ class Predictor:
 
         # Modality
         probability: float | None = None
+        scores: dict[str, float] = {}
         if modality is None and dataset is not None:
             modality = self.catalog.dataset(dataset).modality
         if modality is not None:
@@ -538,10 +540,8 @@ class Predictor:
         else:
             scores = self.modality_probabilities(images)
             chosen = max(scores, key=lambda m: scores[m])
-            probability, source = scores[chosen], "predicted"
-            if verbose:
-                shown = ", ".join(f"{m} {p:.2f}" for m, p in sorted(scores.items(), key=lambda kv: -kv[1]))
-                print(f"modality: {chosen} (p={probability:.2f}; {shown})", file=sys.stderr)
+            # the head is uncalibrated: report a capped value (hermes/inference/modality_guess.py)
+            probability, source = reported_probability(scores[chosen]), "predicted"
         modality_id = (
             self.catalog.unknown_modality_id if chosen == UNKNOWN else self.catalog.modalities.index(chosen)
         )
@@ -555,6 +555,13 @@ class Predictor:
             task_ids = self.default_tasks(chosen)
         names = [self.catalog.tasks[t].name for t in task_ids]
         position = {t: i for i, t in enumerate(task_ids)}
+        guessed: dict[str, Any] = {}
+        if source == "predicted":
+            guessed["modality_scores"] = {m: round(p, 4) for m, p in scores.items()}  # raw softmax, uncalibrated
+            if verbose:
+                owners = [e.name for e in self.catalog.datasets if any(t in e.task_ids for t in task_ids)]
+                message = guess_message(chosen, scores, names, owners, trained_for_recognition(self.spec))
+                print(message, file=sys.stderr)
 
         threshold = float(self.config.threshold)
         labels: np.ndarray | None = None
@@ -601,7 +608,7 @@ class Predictor:
                     on_mask(name, above)
             del logits
         self._preprocessed.clear()
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(guessed)
         if self.postprocessing is not None:  # multi-label: on the final map, as it was decided
             if labels is not None:
                 self.postprocessing.apply_labels(labels, names)

@@ -126,7 +126,10 @@ def train_step(
     2B (identical prompts): one forward and one backward per step, which DDP requires, and
     equivalent to two passes for per-sample normalisation (instance/group norm).
     """
-    image, task_ids, modality_id, task_mask = batch["image"], batch["task_ids"], batch["modality_id"], batch["task_mask"]
+    image, task_ids, task_mask = batch["image"], batch["task_ids"], batch["task_mask"]
+    # the prompt's modality (modality-prompt dropout, hermes/data/sampling.py); the loss reads
+    # the true batch["modality_id"]
+    modality_id = batch.get("modality_prompt_id", batch["modality_id"])
     optimizer.zero_grad(set_to_none=True)
     with amp.autocast():
         if medcontext is None:
