@@ -272,3 +272,17 @@ def test_universal_resunet_has_one_output_per_task_of_the_training_datasets(smal
         for entry in (entry_a, entry_b):
             out = model(torch.randn(1, 1, 32, 32, 32), torch.tensor([entry.task_ids]), torch.tensor([entry.modality_id]))
             assert out.logits.shape[1] == len(entry.task_ids)
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper-recipe"])
+def test_paper_presets_switch_every_recipe_option_back(preset) -> None:
+    from hermes.config import deep_merge, load_preset
+
+    config = TrainConfig.model_validate(deep_merge(load_preset(preset), {"catalog": "c", "cache": "k", "output": "o"}))
+    default = TrainConfig.model_validate({"catalog": "c", "cache": "k", "output": "o"})
+    paper = (config.loss.reduction, config.optim.param_groups, config.model.prototype_logit,
+             config.ema_window_fraction, config.final_weights, config.data.modality_dropout)
+    assert paper == ("pair", "single", "dot", None, "ema", 0.0)
+    ours = (default.loss.reduction, default.optim.param_groups, default.model.prototype_logit,
+            default.ema_window_fraction, default.final_weights)
+    assert all(a != b for a, b in zip(paper, ours))
