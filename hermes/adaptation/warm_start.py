@@ -212,10 +212,10 @@ def warm_start_state(
 # --------------------------------------------------------------------------------------------
 def _context_module_types() -> tuple[type[nn.Module], ...]:
     from hermes.models.fusion import PriorFusion
-    from hermes.models.heads import ModalityHead, PrototypeHead
+    from hermes.models.heads import ModalityHead, PrototypeHead, TaskLogitCalibration
     from hermes.models.priors import ContextPriors, PriorPool
 
-    return (ContextPriors, PriorPool, PriorFusion, PrototypeHead, ModalityHead)
+    return (ContextPriors, PriorPool, PriorFusion, PrototypeHead, ModalityHead, TaskLogitCalibration)
 
 
 def context_parameter_names(model: nn.Module) -> set[str]:
