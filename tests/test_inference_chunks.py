@@ -16,7 +16,7 @@ from hermes.cli import build_parser
 from hermes.config import InferenceConfig
 from hermes.data.imageio import Image
 from hermes.inference import Predictor
-from hermes.inference.chunks import MemoryPlan, memory_plan, split
+from hermes.inference.chunks import GIB, MemoryPlan, memory_plan, split
 
 LABELS = tuple(f"organ{i}" for i in range(7))
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -77,8 +77,9 @@ def _predict(model_dir: Path, max_memory_gb: float | None, output: str) -> objec
 
 
 def _budget_for(plan: MemoryPlan, tasks_per_chunk: int) -> float:
-    """GB that fit exactly ``tasks_per_chunk`` tasks (half a task of slack)."""
-    return (plan.peak(tasks_per_chunk) + plan.per_task // 2) / 1e9
+    """GiB that fit exactly ``tasks_per_chunk`` tasks (half a task of slack)."""
+    slack = min(plan.window_per_task, plan.restore_per_task) // 2
+    return (plan.peak(tasks_per_chunk) + slack) / GIB
 
 
 @pytest.mark.parametrize("output", ["multilabel", "binary"])
@@ -113,10 +114,15 @@ def test_default_budget_predicts_few_tasks_in_one_pass(hermes_dir: Path, monkeyp
 
 
 def test_chunk_size_from_budget() -> None:
-    plan = MemoryPlan(baseline=500, fixed=1000, per_task=10)
+    # window phase: 1000 + 10 per task; restore phase: 1200 + 2 per task
+    plan = MemoryPlan(baseline=500, window_fixed=1000, window_per_task=10, restore_fixed=1200, restore_per_task=2)
     assert plan.chunk_size(None, 7) == 7
-    assert plan.chunk_size(1500 + 35, 7) == 3
-    assert plan.chunk_size(1500 + 30, 7) == 3
+    assert plan.chunk_size(1500 + 35, 7) == 1  # the restore phase alone needs 1700
+    assert plan.chunk_size(1700 + 4, 7) == 2  # restore: 2 tasks; window: 20
+    assert plan.chunk_size(1700 + 5, 7) == 2
+    assert plan.chunk_size(1700 + 6, 7) == 3
+    plan = MemoryPlan(baseline=500, window_fixed=1000, window_per_task=10, restore_fixed=10, restore_per_task=2)
+    assert plan.chunk_size(1500 + 35, 7) == 3  # the window phase binds
     assert plan.chunk_size(1500 + 29, 7) == 2
     assert plan.chunk_size(10**9, 7) == 7
     assert plan.chunk_size(1200, 7) == 1  # the fixed part alone exceeds the budget: smallest chunks
@@ -126,10 +132,13 @@ def test_chunk_size_from_budget() -> None:
 def test_memory_plan_counts_task_buffers() -> None:
     plan = memory_plan((100, 100, 50), (40, 30, 20), (16, 16, 16), 2, baseline=7)
     assert plan.baseline == 7
-    assert plan.fixed == 16 * 100 * 100 * 50 + 16 * 40 * 30 * 20
-    assert plan.per_task == 2 * 40 * 30 * 20 + 16 * 2 * 16**3  # float16 stitching + window logits
+    cache, window = 40 * 30 * 20, 2 * 16**3
+    assert plan.window_per_task == 2 * cache + 16 * window  # float16 stitching + window logits
+    assert plan.restore_per_task == 2 * cache  # the chunk's stitched sums wait to be restored
+    assert plan.restore_fixed > 10 * 100 * 100 * 50  # a float32 probability on the original grid and more
+    assert plan.window_fixed > 8 * cache + 100 * window  # float32 image + weight, activations
     mirrored = memory_plan((100, 100, 50), (40, 30, 20), (16, 16, 16), 2, mirror_passes=4, baseline=7)
-    assert mirrored.per_task > plan.per_task
+    assert mirrored.window_per_task > plan.window_per_task
     assert chunks_module.current_rss_bytes() > 10 * 2**20  # a Python process with torch loaded
 
 

@@ -16,12 +16,20 @@ The price is time: the backbone runs once per chunk (docs/bench/inference.md, se
 ``K`` is the largest chunk that fits the budget; a model with a few tasks runs in one chunk,
 which is exactly the unchunked path.
 
-The budget is for the whole process (``InferenceConfig.max_memory_gb``, ``--max-memory``):
-what it holds before the prediction (Python, torch, the model, the input), the parts that do
-not grow with the tasks (the input as float32 and its preprocessed copy, the blending weight,
-one restored task, the label map: the byte counts below, measured in
-docs/bench/inference.md), then ``K`` tasks' buffers. When the fixed part alone exceeds the
-budget, ``K`` is 1: the smallest memory this pipeline can run in.
+The budget is for the whole process (``InferenceConfig.max_memory_gb``, ``--max-memory``, in
+GiB): what it holds when the pass starts (Python, torch, the model, the input, its
+preprocessed copy, the label map: measured, the resident set), plus the larger of the two
+phases of a pass, each a part that does not grow with the tasks and ``K`` tasks' buffers:
+
+* the sliding window: the float32 image tensor and blending weight over the model's grid, the
+  network's activations on a window batch; per task the float16 sum and the window logits;
+* restoring: one task's probability on the original grid with its temporaries (resampled
+  crop, the full-size array, the threshold and "wins" masks); per task the float16 sum, which
+  lives until the chunk's last task is restored.
+
+The byte counts are upper bounds of what docs/bench/inference.md (section 4) measured on a
+512x512x300 CT. When the fixed part alone exceeds the budget, ``K`` is 1: the smallest memory
+this pipeline can run in (preprocessing, which does not depend on the tasks, is not chunked).
 """
 
 from __future__ import annotations
@@ -33,28 +41,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Bytes that do not grow with the tasks, per voxel of the original image (the input as float32,
-# its reoriented/cropped copies, one restored float32 probability, the float16 best-probability
-# and uint8 label maps, boolean temporaries) and per voxel of the model's grid (the
-# preprocessed float32 array and its tensor, the float32 blending weight, one task's float32
-# probability before restoring). Measured: 1.16 GB added for 78.6 M original voxels at a 3 mm
-# model, 0.16 GB more for 9.4 M more model voxels at 1.5 mm (docs/bench/inference.md, section 3).
-FIXED_BYTES_PER_ORIGINAL_VOXEL = 16
-FIXED_BYTES_PER_CACHE_VOXEL = 16
+GIB = 2**30
+# Sliding-window phase, per voxel of the model's grid: the float32 image tensor, the float32
+# blending weight, the importance share of a window and slack.
+WINDOW_FIXED_BYTES_PER_CACHE_VOXEL = 12
+# The network's activations per voxel of the window batch (measured ~400 for the `tiny`
+# preset at 64^3 in bf16; wider presets use more, but their windows are rarely larger).
+NETWORK_BYTES_PER_WINDOW_VOXEL = 512
 # Per task: the float16 stitched sum over the model's grid ...
 STITCH_BYTES_PER_TASK_VOXEL = 2
 # ... and, per voxel of the window batch, the logits as the network returns them (bf16 under
 # autocast, then float32), the calibrated copy and the float16 contribution being added.
 WINDOW_BYTES_PER_TASK_VOXEL = 16
+# Restoring phase, per voxel of the original image: the float32 probability, the full-size
+# array it is pasted into, the resampled crop, three boolean masks (measured 12.5 in total).
+RESTORE_BYTES_PER_ORIGINAL_VOXEL = 14
+# ... and per voxel of the model's grid: the float32 probability before restoring, its copy.
+RESTORE_BYTES_PER_CACHE_VOXEL = 8
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Estimated bytes of one prompt group's prediction: fixed + per_task x tasks in a chunk."""
+    """Estimated bytes of one prompt group's pass: the process before it, then per phase a fixed
+    part plus a part per task of the chunk; the peak is the larger phase."""
 
-    baseline: int  # the process before the pass (resident set)
-    fixed: int
-    per_task: int
+    baseline: int  # the process when the pass starts (resident set)
+    window_fixed: int
+    window_per_task: int
+    restore_fixed: int
+    restore_per_task: int
 
     def chunk_size(self, budget_bytes: float | None, num_tasks: int) -> int:
         """Largest ``K`` (1..num_tasks) whose estimate fits ``budget_bytes``; all tasks when
@@ -63,11 +78,18 @@ class MemoryPlan:
             raise ValueError("a prompt group has at least one task")
         if budget_bytes is None:
             return num_tasks
-        room = budget_bytes - self.baseline - self.fixed
-        return max(1, min(num_tasks, math.floor(room / self.per_task) if room > 0 else 1))
+        room = budget_bytes - self.baseline
+        fits = min(
+            math.floor((room - fixed) / per_task)
+            for fixed, per_task in ((self.window_fixed, self.window_per_task), (self.restore_fixed, self.restore_per_task))
+        )
+        return max(1, min(num_tasks, fits))
 
     def peak(self, tasks_per_chunk: int) -> int:
-        return self.baseline + self.fixed + self.per_task * tasks_per_chunk
+        return self.baseline + max(
+            self.window_fixed + self.window_per_task * tasks_per_chunk,
+            self.restore_fixed + self.restore_per_task * tasks_per_chunk,
+        )
 
 
 def memory_plan(
@@ -86,8 +108,10 @@ def memory_plan(
     per_window = WINDOW_BYTES_PER_TASK_VOXEL + (4 if mirror_passes > 1 else 0)
     return MemoryPlan(
         baseline=current_rss_bytes() if baseline is None else baseline,
-        fixed=FIXED_BYTES_PER_ORIGINAL_VOXEL * original + FIXED_BYTES_PER_CACHE_VOXEL * cache,
-        per_task=STITCH_BYTES_PER_TASK_VOXEL * cache + per_window * window,
+        window_fixed=WINDOW_FIXED_BYTES_PER_CACHE_VOXEL * cache + NETWORK_BYTES_PER_WINDOW_VOXEL * window,
+        window_per_task=STITCH_BYTES_PER_TASK_VOXEL * cache + per_window * window,
+        restore_fixed=RESTORE_BYTES_PER_ORIGINAL_VOXEL * original + RESTORE_BYTES_PER_CACHE_VOXEL * cache,
+        restore_per_task=STITCH_BYTES_PER_TASK_VOXEL * cache,
     )
 
 
@@ -115,4 +139,4 @@ def split(tasks: Sequence[int], size: int) -> list[tuple[int, ...]]:
     return [tuple(tasks[start : start + size]) for start in range(0, len(tasks), size)]
 
 
-__all__ = ["MemoryPlan", "current_rss_bytes", "memory_plan", "split"]
+__all__ = ["GIB", "MemoryPlan", "current_rss_bytes", "memory_plan", "split"]

@@ -48,7 +48,7 @@ from hermes.data.modalities import UNKNOWN, ModalityVocabulary
 from hermes.data.preprocess import PreprocessPlan, preprocess_image, restore_to_original
 from hermes.errors import ConfigError, DataError, HermesError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_json
-from hermes.inference.chunks import memory_plan, split
+from hermes.inference.chunks import GIB, memory_plan, split
 from hermes.inference.postprocess import load_postprocessing
 from hermes.inference.sliding_window import (
     central_window,
@@ -448,7 +448,7 @@ class Predictor:
         model, which computes all its channels anyway, is prompted with the chunk."""
         passes = 2 if self.config.mirror_tta else 1  # TTA: one more float32 sum per window, whatever the axes
         plan = memory_plan(original_shape, cache_shape, self.patch_size, self.config.window_batch_size, passes)
-        budget = None if self.config.max_memory_gb is None else self.config.max_memory_gb * 1e9
+        budget = None if self.config.max_memory_gb is None else self.config.max_memory_gb * GIB
         size = plan.chunk_size(budget, len(group.keep))
         if size >= len(group.keep):
             return [group]
@@ -456,7 +456,7 @@ class Predictor:
         if verbose:
             print(
                 f"{len(group.keep)} tasks in {len(chunks)} passes of <= {size} (max memory "
-                f"{self.config.max_memory_gb:g} GB, estimated peak {plan.peak(size) / 1e9:.1f} GB)",
+                f"{self.config.max_memory_gb:g} GB, estimated peak {plan.peak(size) / GIB:.1f} GB)",
                 file=sys.stderr,
             )
         full_prompt = self.context_prompts or self._computes_subsets
