@@ -70,10 +70,11 @@ class Recorder:
         monkeypatch.setattr(chunks_module, "current_rss_bytes", lambda: 0)
 
 
-def _predict(model_dir: Path, max_memory_gb: float | None, output: str) -> object:
+def _predict(model_dir: Path, max_memory_gb: float | None, output: str, verbose: bool = False) -> object:
     config = InferenceConfig(overlap=0.25, window_batch_size=4, max_memory_gb=max_memory_gb, output=output)
     predictor = Predictor(model_dir, device="cpu", config=config)
-    return predictor.predict(_image(), modality="CT", tasks=[f"SevenCT/{name}" for name in LABELS], progress=False)
+    tasks = [f"SevenCT/{name}" for name in LABELS]
+    return predictor.predict(_image(), modality="CT", tasks=tasks, progress=False, verbose=verbose)
 
 
 def _budget_for(plan: MemoryPlan, tasks_per_chunk: int) -> float:
@@ -111,6 +112,16 @@ def test_default_budget_predicts_few_tasks_in_one_pass(hermes_dir: Path, monkeyp
     recorder = Recorder(monkeypatch)
     _predict(hermes_dir, InferenceConfig().max_memory_gb, "multilabel")
     assert recorder.passes == 1
+
+
+def test_budget_below_the_fixed_need_runs_one_task_per_pass_and_says_so(
+    hermes_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recorder = Recorder(monkeypatch)
+    _predict(hermes_dir, 1e-4, "multilabel", verbose=True)
+    assert recorder.passes == len(LABELS)
+    err = capsys.readouterr().err
+    assert "7 tasks in 7 passes" in err and "--max-memory 0.0001 GB cannot be met" in err
 
 
 def test_chunk_size_from_budget() -> None:

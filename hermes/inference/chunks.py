@@ -18,13 +18,13 @@ which is exactly the unchunked path.
 
 The budget is for the whole process (``InferenceConfig.max_memory_gb``, ``--max-memory``, in
 GiB): what it holds when the pass starts (Python, torch, the model, the input, its
-preprocessed copy, the label map: measured, the resident set), plus the larger of the two
+preprocessed copy: measured, the resident set), plus the larger of the two
 phases of a pass, each a part that does not grow with the tasks and ``K`` tasks' buffers:
 
-* the sliding window: the float32 image tensor and blending weight over the model's grid, the
-  network's activations on a window batch; per task the float16 sum and the window logits;
-* restoring: one task's probability on the original grid with its temporaries (resampled
-  crop, the full-size array, the threshold and "wins" masks); per task the float16 sum, which
+* the sliding window: the label map of the previous chunks, the float32 image tensor and
+  blending weight over the model's grid, the network's activations on a window batch; per task the float16 sum and the window logits;
+* restoring: the label map, one task's probability on the original grid with its
+  temporaries (resampled crop, the full-size array, the threshold and "wins" masks); per task the float16 sum, which
   lives until the chunk's last task is restored.
 
 The byte counts are upper bounds of what docs/bench/inference.md (section 4) measured on a
@@ -45,6 +45,9 @@ GIB = 2**30
 # Sliding-window phase, per voxel of the model's grid: the float32 image tensor, the float32
 # blending weight, the importance share of a window and slack.
 WINDOW_FIXED_BYTES_PER_CACHE_VOXEL = 12
+# ... and per voxel of the original image: the float16 best probability and uint8 label map
+# that the previous chunks have filled.
+WINDOW_FIXED_BYTES_PER_ORIGINAL_VOXEL = 3
 # The network's activations per voxel of the window batch (measured ~400 for the `tiny`
 # preset at 64^3 in bf16; wider presets use more, but their windows are rarely larger).
 NETWORK_BYTES_PER_WINDOW_VOXEL = 512
@@ -54,8 +57,9 @@ STITCH_BYTES_PER_TASK_VOXEL = 2
 # autocast, then float32), the calibrated copy and the float16 contribution being added.
 WINDOW_BYTES_PER_TASK_VOXEL = 16
 # Restoring phase, per voxel of the original image: the float32 probability, the full-size
-# array it is pasted into, the resampled crop, three boolean masks (measured 12.5 in total).
-RESTORE_BYTES_PER_ORIGINAL_VOXEL = 14
+# array it is pasted into, the resampled crop, three boolean masks, and the float16 best
+# probability + uint8 label map, whose pages are first touched here (measured 15.7 in total).
+RESTORE_BYTES_PER_ORIGINAL_VOXEL = 17
 # ... and per voxel of the model's grid: the float32 probability before restoring, its copy.
 RESTORE_BYTES_PER_CACHE_VOXEL = 8
 
@@ -108,7 +112,11 @@ def memory_plan(
     per_window = WINDOW_BYTES_PER_TASK_VOXEL + (4 if mirror_passes > 1 else 0)
     return MemoryPlan(
         baseline=current_rss_bytes() if baseline is None else baseline,
-        window_fixed=WINDOW_FIXED_BYTES_PER_CACHE_VOXEL * cache + NETWORK_BYTES_PER_WINDOW_VOXEL * window,
+        window_fixed=(
+            WINDOW_FIXED_BYTES_PER_ORIGINAL_VOXEL * original
+            + WINDOW_FIXED_BYTES_PER_CACHE_VOXEL * cache
+            + NETWORK_BYTES_PER_WINDOW_VOXEL * window
+        ),
         window_per_task=STITCH_BYTES_PER_TASK_VOXEL * cache + per_window * window,
         restore_fixed=RESTORE_BYTES_PER_ORIGINAL_VOXEL * original + RESTORE_BYTES_PER_CACHE_VOXEL * cache,
         restore_per_task=STITCH_BYTES_PER_TASK_VOXEL * cache,

@@ -450,6 +450,12 @@ class Predictor:
         plan = memory_plan(original_shape, cache_shape, self.patch_size, self.config.window_batch_size, passes)
         budget = None if self.config.max_memory_gb is None else self.config.max_memory_gb * GIB
         size = plan.chunk_size(budget, len(group.keep))
+        if verbose and budget is not None and plan.peak(size) > budget:
+            print(
+                f"warning: this image needs about {plan.peak(size) / GIB:.1f} GB even with {size} task(s) per "
+                f"pass; --max-memory {self.config.max_memory_gb:g} GB cannot be met",
+                file=sys.stderr,
+            )
         if size >= len(group.keep):
             return [group]
         chunks = split(group.keep, size)
