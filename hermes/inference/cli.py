@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-memory", type=POSITIVE_FLOAT, default=None, metavar="GB",
-        help=f"memory budget of the process, {POSITIVE_FLOAT} GB: many tasks are predicted in chunks that fit it "
+        help=f"memory budget of the process in GiB, {POSITIVE_FLOAT}: many tasks are predicted in chunks that fit it "
         f"(same masks, the backbone runs once per chunk; default {defaults.max_memory_gb:g})",
     )
     parser.add_argument(
