@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -106,6 +107,30 @@ def test_chunked_masks_equal_unchunked(
             assert chunked.masks.keys() == reference.masks.keys()  # type: ignore[attr-defined]
             for task, mask in reference.masks.items():  # type: ignore[attr-defined]
                 assert np.array_equal(chunked.masks[task], mask), f"K={size}, {task}"  # type: ignore[attr-defined]
+
+
+def test_chunked_tta_with_swapped_pairs_equals_unchunked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With left-right TTA a chunk also computes the partners of its tasks (read after the swap);
+    the masks must still equal the single pass's."""
+    model_dir = make_model_dir(tmp_path / "model", datasets=(("SevenCT", "CT", LABELS, None),))
+    spec_path = model_dir / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    spec["datasets"][0]["mirror_pairs"] = [[0, 1], [2, 3]]
+    spec_path.write_text(json.dumps(spec))
+    recorder = Recorder(monkeypatch)
+
+    def run(max_memory_gb: float | None) -> np.ndarray:
+        config = InferenceConfig(overlap=0.25, window_batch_size=4, max_memory_gb=max_memory_gb, mirror_tta=True)
+        prediction = Predictor(model_dir, device="cpu", config=config).predict(_image(), modality="CT", progress=False)
+        assert prediction.labels is not None
+        return prediction.labels
+
+    reference = run(None)
+    assert len(np.unique(reference)) >= 3
+    plan = recorder.plans[-1]
+    recorder.passes = 0
+    assert np.array_equal(run(_budget_for(plan, 1)), reference)
+    assert recorder.passes == len(LABELS)
 
 
 def test_default_budget_predicts_few_tasks_in_one_pass(hermes_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
