@@ -222,6 +222,8 @@ def pipeline_child(args: argparse.Namespace) -> None:
         total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         peak = _proc_mb("VmHWM")
     peak_process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    budget = None if args.max_memory is None else args.max_memory * 2**30
+    chunk = plans[0].chunk_size(budget, args.tasks) if plans else None
     print(json.dumps({
         "preset": args.preset, "stitcher": args.stitcher, "precision": args.precision, "tasks": args.tasks,
         "ct_shape": list(shape), "model_spacing_mm": args.spacing, "patch": args.patch, "overlap": args.overlap,
@@ -235,11 +237,8 @@ def pipeline_child(args: argparse.Namespace) -> None:
                                         "window_per_task_mb": round(plans[0].window_per_task / 2**20, 2),
                                         "restore_fixed_mb": round(plans[0].restore_fixed / 2**20),
                                         "restore_per_task_mb": round(plans[0].restore_per_task / 2**20, 2),
-                                        "chunk_size": plans[0].chunk_size(
-                                            None if args.max_memory is None else args.max_memory * 2**30, args.tasks),
-                                        "estimated_peak_mb": round(plans[0].peak(plans[0].chunk_size(
-                                            None if args.max_memory is None else args.max_memory * 2**30,
-                                            args.tasks)) / 2**20),
+                                        "chunk_size": chunk,
+                                        "estimated_peak_mb": round(plans[0].peak(chunk) / 2**20),
                                         "unchunked_estimate_mb": round(plans[0].peak(args.tasks) / 2**20)},
     }))
 
