@@ -12,6 +12,11 @@ between.
 ``memory``: the stitchers alone (a 1x1x1 convolution as the network) on a CT-sized cache-space
 volume, each run in a fresh subprocess: added peak RSS (VmHWM) and time per task count.
 
+``tasks``: the pipeline with 8, 32, 128 tasks, predicted in task chunks under a ``--max-memory``
+budget and in one pass (no budget), each in a fresh subprocess: peak RSS, passes and time per
+task count (the unchunked run is skipped where its estimated peak exceeds ``--unchunked-limit``
+GB, and where the budget gives one pass anyway: then both are the same run).
+
 ``pipeline``: ``Predictor.predict`` on a synthetic 512x512x300 int16 CT (0.78x0.78x1.5 mm,
 body-shaped so the body crop behaves as on a real scan), each run in a fresh subprocess that
 reports its peak RSS (``resource.getrusage``) and timings. The MONAI rows use the identical
@@ -20,6 +25,7 @@ pipeline with only the stitcher swapped for MONAI's (float32 output, as MONAI al
     .venv/bin/python bench/inference_speed.py stitch
     .venv/bin/python bench/inference_speed.py memory --shape 226 160 300 --task-counts 8 32
     .venv/bin/python bench/inference_speed.py pipeline --presets tiny small --spacing 3.0
+    .venv/bin/python bench/inference_speed.py tasks --task-counts 8 32 128 --max-memory 2
 """
 
 from __future__ import annotations
@@ -180,6 +186,7 @@ def pipeline_child(args: argparse.Namespace) -> None:
         stitch = predictor_module.sliding_window_inference
 
     def timed_stitch(*a, **k):
+        timings["passes"] = timings.get("passes", 0) + 1
         rss = _proc_mb("VmRSS")
         _reset_peak()
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -191,13 +198,22 @@ def pipeline_child(args: argparse.Namespace) -> None:
         return out
 
     predictor_module.sliding_window_inference = timed_stitch
+    plans = []
+    original_plan = predictor_module.memory_plan
+
+    def recorded_plan(*a, **k):
+        plans.append(original_plan(*a, **k))
+        return plans[-1]
+
+    predictor_module.memory_plan = recorded_plan
     shape = tuple(args.ct_shape)
     spacing = (0.78, 0.78, 1.5)
     affine = np.diag([*spacing, 1.0])
     image = Image(synthetic_ct(shape), affine)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _model(args.preset, args.tasks, args.spacing, args.patch, Path(tmp) / "model")
-        config = InferenceConfig(overlap=args.overlap, window_batch_size=args.batch, precision=args.precision)
+        config = InferenceConfig(overlap=args.overlap, window_batch_size=args.batch, precision=args.precision,
+                                 max_memory_gb=args.max_memory)
         predictor = predictor_module.Predictor(model_dir, device="cpu", config=config, channels_last=args.channels_last)
         rss_before = _proc_mb("VmRSS")
         _reset_peak()  # the synthetic CT's temporaries are not part of the prediction
@@ -206,6 +222,8 @@ def pipeline_child(args: argparse.Namespace) -> None:
         total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         peak = _proc_mb("VmHWM")
     peak_process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    budget = None if args.max_memory is None else args.max_memory * 2**30
+    chunk = plans[0].chunk_size(budget, args.tasks) if plans else None
     print(json.dumps({
         "preset": args.preset, "stitcher": args.stitcher, "precision": args.precision, "tasks": args.tasks,
         "ct_shape": list(shape), "model_spacing_mm": args.spacing, "patch": args.patch, "overlap": args.overlap,
@@ -213,6 +231,15 @@ def pipeline_child(args: argparse.Namespace) -> None:
         "peak_rss_predict_mb": round(peak), "rss_before_predict_mb": round(rss_before),
         "peak_rss_process_mb": round(peak_process),
         "input_mb": round(image.array.nbytes / 2**20), "labels_shape": list(prediction.labels.shape),  # type: ignore[union-attr]
+        "max_memory_gb": args.max_memory,
+        "plan": None if not plans else {"baseline_mb": round(plans[0].baseline / 2**20),
+                                        "window_fixed_mb": round(plans[0].window_fixed / 2**20),
+                                        "window_per_task_mb": round(plans[0].window_per_task / 2**20, 2),
+                                        "restore_fixed_mb": round(plans[0].restore_fixed / 2**20),
+                                        "restore_per_task_mb": round(plans[0].restore_per_task / 2**20, 2),
+                                        "chunk_size": chunk,
+                                        "estimated_peak_mb": round(plans[0].peak(chunk) / 2**20),
+                                        "unchunked_estimate_mb": round(plans[0].peak(args.tasks) / 2**20)},
     }))
 
 
@@ -261,31 +288,54 @@ def bench_memory(args: argparse.Namespace) -> dict[str, object]:
     return {"part": "memory", "rows": rows}
 
 
+def _pipeline_run(args: argparse.Namespace, preset: str, stitcher: str, precision: str, tasks: int,
+                  max_memory: float | None) -> dict[str, object]:
+    cmd = [sys.executable, __file__, "pipeline-child", "--preset", preset, "--stitcher", stitcher,
+           "--precision", precision, "--tasks", str(tasks), "--spacing", str(args.spacing),
+           "--patch", str(args.patch), "--overlap", str(args.overlap), "--batch", str(args.batch),
+           "--ct-shape", *map(str, args.ct_shape)]
+    if max_memory is not None:
+        cmd += ["--max-memory", str(max_memory)]
+    if precision == "auto":
+        cmd.append("--channels-last")
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ})
+    if result.returncode != 0:
+        print(result.stderr, file=sys.stderr)
+        raise SystemExit(f"pipeline run failed: {' '.join(cmd)}")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def bench_tasks(args: argparse.Namespace) -> dict[str, object]:
+    """Peak RSS and time against the number of tasks, chunked under a budget vs one pass."""
+    rows = []
+    for tasks in args.task_counts:
+        chunked = _pipeline_run(args, args.preset, "hermes", args.precision, tasks, args.max_memory)
+        rows.append({"mode": "chunked", **chunked})
+        estimate = chunked["plan"]["unchunked_estimate_mb"] / 1024  # type: ignore[index]
+        if chunked["passes"] == 1:
+            rows.append({"mode": "unchunked", "tasks": tasks, "same_as_chunked": True})
+        elif estimate > args.unchunked_limit:
+            rows.append({"mode": "unchunked", "tasks": tasks, "skipped_estimate_gb": round(estimate, 1)})
+        else:
+            rows.append({"mode": "unchunked", **_pipeline_run(args, args.preset, "hermes", args.precision, tasks, None)})
+    return {"part": "tasks", "max_memory_gb": args.max_memory, "rows": rows}
+
+
 def bench_pipeline(args: argparse.Namespace) -> dict[str, object]:
     rows = []
     for preset in args.presets:
         for stitcher, precision in args.runs:
             if stitcher == "monai" and args.skip_monai:
                 continue
-            cmd = [sys.executable, __file__, "pipeline-child", "--preset", preset, "--stitcher", stitcher,
-                   "--precision", precision, "--tasks", str(args.tasks), "--spacing", str(args.spacing),
-                   "--patch", str(args.patch), "--overlap", str(args.overlap), "--batch", str(args.batch),
-                   "--ct-shape", *map(str, args.ct_shape)]
-            if precision == "auto":
-                cmd.append("--channels-last")
-            result = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ})
-            if result.returncode != 0:
-                print(result.stderr, file=sys.stderr)
-                raise SystemExit(f"pipeline run failed: {' '.join(cmd)}")
-            row = json.loads(result.stdout.strip().splitlines()[-1])
-            print(json.dumps(row), file=sys.stderr)
-            rows.append(row)
+            rows.append(_pipeline_run(args, preset, stitcher, precision, args.tasks, None))
     return {"part": "pipeline", "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["stitch", "memory", "pipeline", "pipeline-child", "memory-child"])
+    parser.add_argument("part", choices=["stitch", "memory", "pipeline", "tasks", "pipeline-child", "memory-child"])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--tasks", type=int, default=8)
@@ -296,7 +346,11 @@ def main() -> None:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--task-counts", type=int, nargs="+", default=[8, 32], help="memory: tasks per run")
+    parser.add_argument("--task-counts", type=int, nargs="+", default=[8, 32], help="memory, tasks: tasks per run")
+    parser.add_argument("--max-memory", type=float, default=None,
+                        help="tasks: the budget of the chunked runs (GB); pipeline-child: the run's budget (none: one pass)")
+    parser.add_argument("--unchunked-limit", type=float, default=8.0,
+                        help="tasks: skip an unchunked run whose estimated peak exceeds this (GB)")
     parser.add_argument("--stitcher", default="hermes", choices=["hermes", "monai"])
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--channels-last", action="store_true")
@@ -314,7 +368,10 @@ def main() -> None:
     if args.part == "memory-child":
         memory_child(args)
         return
-    result = {"stitch": bench_stitch, "memory": bench_memory, "pipeline": bench_pipeline}[args.part](args)
+    if args.part == "tasks" and args.max_memory is None:
+        parser.error("tasks needs --max-memory GB (the budget of the chunked runs)")
+    parts = {"stitch": bench_stitch, "memory": bench_memory, "pipeline": bench_pipeline, "tasks": bench_tasks}
+    result = parts[args.part](args)
     result["machine"] = {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
         "load_avg_1min": os.getloadavg()[0],

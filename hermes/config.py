@@ -303,6 +303,10 @@ class InferenceConfig(Strict):
     allow_irregular_dicom: bool = False
     # Apply MODEL/postprocessing.json (per-task largest component; `hermes evaluate --choose-postprocessing`).
     postprocess: bool = True
+    # Memory budget of the whole process in GiB: each prompt group's tasks are predicted in
+    # chunks that fit it (hermes/inference/chunks.py); None: all tasks in one pass. 4 GB lets
+    # an 8 GB laptop predict a 512x512x300 CT with dozens of tasks in one chunk.
+    max_memory_gb: float | None = Field(4.0, gt=0.0)
 
 
 class EvaluationConfig(Strict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hermes.cli_args import FRACTION, POSITIVE_INT, UNIT_OPEN
+from hermes.cli_args import FRACTION, POSITIVE_FLOAT, POSITIVE_INT, UNIT_OPEN
 from hermes.config import InferenceConfig
 
 
@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sigmoid threshold, {UNIT_OPEN} (default {defaults.threshold})",
     )
     parser.add_argument(
+        "--max-memory", type=POSITIVE_FLOAT, default=None, metavar="GB",
+        help=f"memory budget of the process in GiB, {POSITIVE_FLOAT}: many tasks are predicted in chunks that fit it "
+        f"(same masks, the backbone runs once per chunk; default {defaults.max_memory_gb:g})",
+    )
+    parser.add_argument(
         "--allow-irregular", action="store_true",
         help="accept a DICOM series with uneven slice gaps (e.g. a missing slice) by resampling it onto a regular "
         "grid from its true slice positions (default: refuse it)",
@@ -97,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 "window_batch_size": args.window_batch_size,
                 "precision": args.precision,
                 "threshold": args.threshold,
+                "max_memory_gb": args.max_memory,
                 "allow_irregular_dicom": args.allow_irregular or None,
                 "postprocess": False if args.no_postprocess else None,
             }.items()

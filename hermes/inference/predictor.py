@@ -15,10 +15,12 @@ computed at full resolution (``output_tasks``). A model built with
 ``task_conditioned_features: false`` gives identical logits for any subset, so all tasks then
 run in one pass.
 
-**Memory.** One group at a time: float16 stitching (sliding_window.py), then one task at a
-time restored to the original grid and folded into a running "most probable task" label map,
-so the peak holds one group's cache-space logits plus a few original-size volumes, never
-tasks x volume in float32.
+**Memory.** One group at a time, and within a group one chunk of tasks at a time, the chunk
+as large as ``max_memory_gb`` allows (chunks.py; every chunk reads the group's full prompt, so
+the logits do not depend on the chunking): float16 stitching (sliding_window.py), then one
+task at a time restored to the original grid and folded into a running "most probable task"
+label map, so the peak holds one chunk's cache-space logits plus a few original-size volumes,
+independent of the number of tasks.
 
 **Overlaps.** Each task is an independent sigmoid mask. In the multi-label output a voxel gets
 the task with the highest probability among those above the threshold ("the most probable
@@ -27,10 +29,11 @@ wins"); the binary output keeps every task's own mask, overlaps included.
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +49,7 @@ from hermes.data.preprocess import PreprocessPlan, preprocess_image, restore_to_
 from hermes.errors import ConfigError, DataError, HermesError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_json
 from hermes.inference.modality_guess import guess_message, reported_probability, trained_for_recognition
+from hermes.inference.chunks import GIB, memory_plan, split
 from hermes.inference.postprocess import load_postprocessing
 from hermes.inference.sliding_window import (
     central_window,
@@ -443,6 +447,40 @@ class Predictor:
         prompt = [*group.prompt, *(t for t in extra if t not in group.prompt)]
         return mirrored_network(self._network(prompt, outputs, modality_id), plan, outputs, len(group.keep))
 
+    def task_chunks(
+        self, group: PromptGroup, original_shape: Sequence[int], cache_shape: Sequence[int], verbose: bool = False
+    ) -> list[PromptGroup]:
+        """``group`` as passes of at most K tasks, K the largest that fits ``max_memory_gb``
+        (chunks.py). Each chunk keeps the group's full prompt (the context the unchunked pass
+        reads) where the model can compute a subset of it (``output_tasks``); a per-dataset
+        model, which computes all its channels anyway, is prompted with the chunk."""
+        passes = 2 if self.config.mirror_tta else 1  # TTA: one more float32 sum per window, whatever the axes
+        plan = memory_plan(original_shape, cache_shape, self.patch_size, self.config.window_batch_size, passes)
+        budget = None if self.config.max_memory_gb is None else self.config.max_memory_gb * GIB
+        size = plan.chunk_size(budget, len(group.keep))
+        if verbose and budget is not None and plan.peak(size) > budget:
+            print(
+                f"warning: this image needs about {plan.peak(size) / GIB:.1f} GB even with {size} task(s) per "
+                f"pass; --max-memory {self.config.max_memory_gb:g} GB cannot be met",
+                file=sys.stderr,
+            )
+        if size >= len(group.keep):
+            return [group]
+        chunks = split(group.keep, size)
+        if verbose:
+            print(
+                f"{len(group.keep)} tasks in {len(chunks)} passes of <= {size} (max memory "
+                f"{self.config.max_memory_gb:g} GB, estimated peak {plan.peak(size) / GIB:.1f} GB)",
+                file=sys.stderr,
+            )
+        full_prompt = self.context_prompts or self._computes_subsets
+        return [replace(group, prompt=group.prompt if full_prompt else chunk, keep=chunk) for chunk in chunks]
+
+    @property
+    def _computes_subsets(self) -> bool:
+        """Whether the model can compute some prompt positions only (HermesModel.output_tasks)."""
+        return "output_tasks" in inspect.signature(self.model.forward).parameters
+
     def _preprocess(self, images: list[Image], plan: PreprocessPlan) -> tuple[np.ndarray, dict[str, Any]]:
         key = plan.digest()
         if key not in self._preprocessed:
@@ -578,35 +616,36 @@ class Predictor:
         for group in self.prompt_groups(task_ids, chosen, dataset):
             array, meta = self._preprocess(images, group.plan)
             tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))[None]
-            logits = sliding_window_inference(
-                tensor,
-                self._group_network(group, modality_id),
-                self.patch_size,
-                overlap=self.config.overlap,
-                window_batch_size=self.config.window_batch_size,
-                blend=self.config.blend,
-                device=self.device,
-                precision=self.config.precision,
-                channels_last=self.channels_last,
-                progress=progress,
-            )
-            for k, task in enumerate(group.keep):
-                prob_cache = torch.sigmoid(logits[k].float())
-                prob = restore_to_original(prob_cache, meta, order=1, fill=0.0)
-                del prob_cache
-                name = self.catalog.tasks[task].name
-                above = prob >= threshold
-                if labels is None and self.postprocessing is not None:  # binary: per mask
-                    above = self.postprocessing.apply_mask(name, above)
-                if labels is not None and best is not None:
-                    wins = above & (prob > best)
-                    labels[wins] = position[task] + 1
-                    best[wins] = prob[wins]
-                elif masks is not None:
-                    masks[name] = above
-                elif on_mask is not None:
-                    on_mask(name, above)
-            del logits
+            for chunk in self.task_chunks(group, shape, tensor.shape[2:], verbose):
+                logits = sliding_window_inference(
+                    tensor,
+                    self._group_network(chunk, modality_id),
+                    self.patch_size,
+                    overlap=self.config.overlap,
+                    window_batch_size=self.config.window_batch_size,
+                    blend=self.config.blend,
+                    device=self.device,
+                    precision=self.config.precision,
+                    channels_last=self.channels_last,
+                    progress=progress,
+                )
+                for k, task in enumerate(chunk.keep):
+                    prob_cache = torch.sigmoid(logits[k].float())
+                    prob = restore_to_original(prob_cache, meta, order=1, fill=0.0)
+                    del prob_cache
+                    name = self.catalog.tasks[task].name
+                    above = prob >= threshold
+                    if labels is None and self.postprocessing is not None:  # binary: per mask
+                        above = self.postprocessing.apply_mask(name, above)
+                    if labels is not None and best is not None:
+                        wins = above & (prob > best)
+                        labels[wins] = position[task] + 1
+                        best[wins] = prob[wins]
+                    elif masks is not None:
+                        masks[name] = above
+                    elif on_mask is not None:
+                        on_mask(name, above)
+                del logits
         self._preprocessed.clear()
         extra: dict[str, Any] = dict(guessed)
         if self.postprocessing is not None:  # multi-label: on the final map, as it was decided
