@@ -48,8 +48,8 @@ from hermes.data.modalities import UNKNOWN, ModalityVocabulary
 from hermes.data.preprocess import PreprocessPlan, preprocess_image, restore_to_original
 from hermes.errors import ConfigError, DataError, HermesError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_json
-from hermes.inference.modality_guess import guess_message, reported_probability, trained_for_recognition
 from hermes.inference.chunks import GIB, memory_plan, split
+from hermes.inference.modality_guess import guess_message, reported_probability, trained_for_recognition
 from hermes.inference.postprocess import load_postprocessing
 from hermes.inference.sliding_window import (
     central_window,
