@@ -89,3 +89,48 @@ def test_bf16_autocast_runs() -> None:
     fp32 = sliding_window_inference(image, net, (16, 16, 16), precision="fp32")
     bf16 = sliding_window_inference(image, net, (16, 16, 16), precision="bf16", channels_last=True)
     assert (torch.sigmoid(fp32.float()) - torch.sigmoid(bf16.float())).abs().max() < 0.05
+
+
+def test_volumes_smaller_than_the_window_are_padded_with_the_training_pad_value() -> None:
+    """The sampler fills patch parts outside the volume with the case's pad value (the
+    normalised minimum); inference must show the network the same frame, not zeros."""
+    from hermes.inference.sliding_window import central_window, sliding_window_inference
+
+    image = torch.ones(1, 1, 4, 4, 4)
+
+    def mean_of_window(window: torch.Tensor) -> torch.Tensor:
+        return window.mean(dim=(1, 2, 3, 4), keepdim=True).expand(-1, 1, *window.shape[2:]).clone()
+
+    out = sliding_window_inference(image, mean_of_window, (8, 8, 8), precision="fp32",
+                                   accumulate_dtype=torch.float32, pad_value=-2.0)
+    expected = (64 * 1.0 + (512 - 64) * -2.0) / 512
+    assert out.shape == (1, 4, 4, 4)
+    assert torch.allclose(out, torch.full_like(out, expected))
+    centre = central_window(image, (8, 8, 8), [-2.0])
+    assert centre.shape == (1, 1, 8, 8, 8) and centre.min() == -2.0 and centre.sum() == 64 + 448 * -2.0
+
+
+def test_predictor_and_validation_pass_the_preprocessing_pad_value(monkeypatch, tmp_path) -> None:
+    import numpy as np
+    from inference_helpers import make_model_dir
+
+    import hermes.inference.predictor as predictor_module
+    from hermes.config import InferenceConfig
+    from hermes.data.imageio import save_image
+    from hermes.inference import Predictor
+
+    seen: list = []
+    real = predictor_module.sliding_window_inference
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("pad_value"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "sliding_window_inference", spy)
+    model_dir = make_model_dir(tmp_path / "model", datasets=(("MRSet", "T1", ("hippo",), None),))
+    rng = np.random.default_rng(0)
+    volume = rng.normal(100, 20, (12, 10, 8)).astype(np.float32)
+    path = save_image(tmp_path / "mr.nii.gz", volume, np.eye(4))
+    Predictor(model_dir, device="cpu", config=InferenceConfig(overlap=0.25)).predict(path, modality="T1", progress=False)
+    assert seen and seen[0] is not None
+    assert min(seen[0]) < -0.5  # the z-scored volume's minimum, not 0 (the mean)

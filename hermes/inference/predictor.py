@@ -508,8 +508,10 @@ class Predictor:
             prompt = list(entry.task_ids) if entry is not None else self.default_tasks(modality)
             if self.own_tasks is not None:
                 prompt = list(self.own_tasks)
-            array, _ = self._preprocess(images, plan)
-            window = central_window(torch.from_numpy(np.asarray(array, dtype=np.float32))[None], self.patch_size)
+            array, meta = self._preprocess(images, plan)
+            window = central_window(
+                torch.from_numpy(np.asarray(array, dtype=np.float32))[None], self.patch_size, meta.get("pad_value", 0.0)
+            )
             window = window.to(self.device)
             if self.channels_last:
                 window = window.contiguous(memory_format=torch.channels_last_3d)
@@ -628,6 +630,7 @@ class Predictor:
                     precision=self.config.precision,
                     channels_last=self.channels_last,
                     progress=progress,
+                    pad_value=meta.get("pad_value", 0.0),
                 )
                 for k, task in enumerate(chunk.keep):
                     prob_cache = torch.sigmoid(logits[k].float())

@@ -66,7 +66,9 @@ class Validator:
     def enabled(self) -> bool:
         return bool(self.cases)
 
-    def _predict(self, model: nn.Module, image: torch.Tensor, entry: DatasetEntry) -> torch.Tensor:
+    def _predict(
+        self, model: nn.Module, image: torch.Tensor, entry: DatasetEntry, pad_value: Sequence[float] | float = 0.0
+    ) -> torch.Tensor:
         task_ids = torch.tensor([entry.task_ids], dtype=torch.long, device=self.device)
         modality = torch.tensor([entry.modality_id], dtype=torch.long, device=self.device)
 
@@ -84,6 +86,7 @@ class Validator:
             device=self.device,
             precision=self.precision,  # type: ignore[arg-type]
             channels_last=self.channels_last,
+            pad_value=pad_value,
         )
 
     @torch.no_grad()
@@ -101,10 +104,11 @@ class Validator:
                         continue
                     image = torch.from_numpy(np.array(case.image, dtype=np.float32))[None]
                     ref = torch.from_numpy(task_targets(np.asarray(case.label), entry))[None].float()
+                    pad_value = (getattr(case, "meta", None) or {}).get("pad_value", 0.0)
                     if self.config.mode == "patch":
-                        image = central_window(image, self.patch_size)
+                        image = central_window(image, self.patch_size, pad_value)
                         ref = central_window(ref, self.patch_size)
-                    logits = self._predict(model, image, entry)
+                    logits = self._predict(model, image, entry, pad_value)
                     pred = (logits > 0).cpu().numpy()
                     ref_np = ref[0].numpy() > 0.5
                     annotated = cached_task_annotation(getattr(case, "meta", None) or {}, entry)
