@@ -49,5 +49,14 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 "$PY" -m hermes.cli benchmark "${COMMON[@]}" --models resunet shared_resunet hermes_r --seeds $SEEDS \
   >"$OUT/tables.log" 2>&1 || status=1
 cp "$WORK/paradigm.md" "$WORK/summary.json" "$OUT/" 2>/dev/null || status=1
+# Training speed per run (the GPU check of issue 19): median steps/s and wall time.
+"$PY" - "$WORK" <<'PYEOF' | tee "$OUT/speed.txt"
+import json, sys
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).glob("runs/*/*/seed*/result.json")):
+    r = json.loads(path.read_text())
+    print(f"{r['model']:16s} {str(r.get('dataset') or 'all'):12s} seed {r['seed']}: {r['steps']} steps, "
+          f"{r.get('median_steps_per_s') or 0:.2f} steps/s, train {r['train_wall_s']:.0f} s, eval {r['eval_wall_s']:.0f} s")
+PYEOF
 echo "wall $(( $(date +%s) - START )) s, status $status" | tee -a "$OUT/device.txt"
 exit $status
