@@ -123,14 +123,16 @@ def static_prototypes(model: nn.Module, pools: list[PoolView], num_tasks: int) -
 
 def _patch_around(image: np.ndarray, label: np.ndarray | None, patch: Sequence[int]) -> np.ndarray:
     """A patch of ``patch`` voxels centred on the labelled region's box (image centre if none),
-    zero-padded where the volume is smaller."""
+    padded where the volume is smaller with each channel's minimum (the cache's pad value, what
+    training pads with)."""
     spatial = image.shape[1:]
     if label is not None and label.any():
         coords = np.argwhere(label > 0)
         centre = (coords.min(0) + coords.max(0)) // 2
     else:
         centre = np.array(spatial) // 2
-    out = np.zeros((image.shape[0], *patch), dtype=np.float32)
+    minimum = np.asarray(image).reshape(image.shape[0], -1).min(axis=1).astype(np.float32)
+    out = np.broadcast_to(minimum[:, None, None, None], (image.shape[0], *patch)).copy()
     src, dst = [], []
     for axis, size in enumerate(patch):
         start = int(centre[axis]) - size // 2
