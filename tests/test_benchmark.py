@@ -293,3 +293,19 @@ def test_a_run_locked_by_another_process_is_not_taken(tmp_path: Path) -> None:
             assert not second  # flock: a second open file description conflicts, as another process would
     with file_lock(tmp_path / ".lock", blocking=False) as again:
         assert again
+
+
+def test_deadline_is_the_next_occurrence_of_the_clock_time() -> None:
+    """A benchmark started at 23:20 with --deadline 00:20 has an hour, not a deadline already past."""
+    import datetime
+
+    from hermes.evaluation.benchmark import _deadline
+
+    evening = datetime.datetime(2026, 12, 1, 23, 20)
+    assert _deadline("00:20", now=evening) == datetime.datetime(2026, 12, 2, 0, 20)
+    assert _deadline("23:50", now=evening) == datetime.datetime(2026, 12, 1, 23, 50)
+    assert _deadline("23:20", now=evening) == datetime.datetime(2026, 12, 2, 23, 20)
+    assert _deadline(None) is None
+    for bad in ("25:00", "noon", "12"):
+        with pytest.raises(ConfigError, match="HH:MM"):
+            _deadline(bad, now=evening)

@@ -608,14 +608,17 @@ def _eta(started: float, spent: float, done_steps: int, pending_steps: int) -> s
     return f"{text}, ETA {seconds / 60:.0f} min (about {finish:%H:%M})"
 
 
-def _deadline(text: str | None) -> datetime.datetime | None:
+def _deadline(text: str | None, now: datetime.datetime | None = None) -> datetime.datetime | None:
+    """The next HH:MM after ``now``: a run started at 23:20 with ``--deadline 00:20`` has an hour."""
     if not text:
         return None
+    now = now or datetime.datetime.now()
     try:
         hour, minute = (int(x) for x in text.split(":"))
-        return datetime.datetime.now().replace(hour=hour, minute=minute, second=0, microsecond=0)
+        moment = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
     except ValueError:
         raise ConfigError(f"--deadline {text!r}: expected HH:MM") from None
+    return moment if moment > now else moment + datetime.timedelta(days=1)
 
 
 def command_line() -> str:

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("--prepare-workers", type=POSITIVE_INT, default=1, help=f"processes preparing the cache, {POSITIVE_INT} (default 1)")
     runs.add_argument("--threads", type=POSITIVE_INT, default=1, help=f"torch threads, {POSITIVE_INT} (default 1: one core per benchmark)")
     runs.add_argument("--device", help="evaluation device (default: the predictor's choice)")
-    runs.add_argument("--deadline", help="HH:MM local time: start no new run after it (the tables are still written)")
+    runs.add_argument("--deadline", help="HH:MM local time (its next occurrence, within 24 h): start no new run after it; the tables are still written")
     runs.add_argument("--progress", action="store_true", help="a progress bar within each training run")
 
     scoring = parser.add_argument_group("scoring")
