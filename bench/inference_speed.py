@@ -66,7 +66,8 @@ def bench_stitch(args: argparse.Namespace) -> dict[str, object]:
     from monai.inferers import sliding_window_inference as monai_swi
 
     from hermes.inference.predictor import Predictor
-    from hermes.inference.sliding_window import cpu_has_native_bf16, sliding_window_inference
+    from hermes.inference.sliding_window import sliding_window_inference
+    from hermes.runtime import cpu_has_native_bf16
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _model(args.preset, args.tasks, 1.5, args.patch, Path(tmp) / "model")

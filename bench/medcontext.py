@@ -90,11 +90,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 def _cost_setup(args: argparse.Namespace, medcontext: bool) -> dict[str, Any]:
     from hermes.models.registry import build_model
+    from hermes.runtime import resolve_amp
     from hermes.training.ema import ModelEMA
     from hermes.training.loss import HermesLoss
     from hermes.training.medcontext import MedContext
     from hermes.training.optim import build_optimizer
-    from hermes.training.precision import resolve_amp
 
     torch.manual_seed(0)
     tasks, patch, batch = args.cost_tasks, list(args.patch), 2

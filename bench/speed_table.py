@@ -53,8 +53,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from hermes.config import LossConfig, ModelConfig
     from hermes.inference.sliding_window import sliding_window_inference
     from hermes.models.registry import build_model, count_parameters
+    from hermes.runtime import resolve_amp
     from hermes.training.loss import HermesLoss
-    from hermes.training.precision import resolve_amp
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

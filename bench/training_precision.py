@@ -19,9 +19,9 @@ import torch
 
 from hermes.config import LossConfig, ModelConfig, OptimConfig
 from hermes.models.registry import build_model
+from hermes.runtime import AmpSettings
 from hermes.training.loss import HermesLoss
 from hermes.training.optim import build_optimizer, clip_gradients
-from hermes.training.precision import AmpSettings
 
 
 def time_steps(

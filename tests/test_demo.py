@@ -11,7 +11,7 @@ from hermes.cli import main
 
 @pytest.mark.slow
 def test_demo_pipeline_runs_and_resumes(tmp_path, capsys) -> None:
-    from hermes.demo import run_demo
+    from hermes.cli.demo import run_demo
 
     overrides = {
         "steps": 2,

@@ -16,8 +16,8 @@ from hermes.config import AugmentConfig, DataConfig, LossConfig
 from hermes.data.cache import open_cache
 from hermes.data.catalog import load_catalog
 from hermes.data.sampling import PatchSampler, modality_prompt, training_cases
+from hermes.runtime import AmpSettings
 from hermes.training.loss import HermesLoss
-from hermes.training.precision import AmpSettings
 from hermes.training.trainer import train_step
 
 

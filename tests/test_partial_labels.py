@@ -361,9 +361,9 @@ def test_train_step_with_medcontext_gives_unannotated_tasks_no_gradient(tmp_path
     import torch
 
     from hermes.config import LossConfig, MedContextConfig
+    from hermes.runtime import AmpSettings
     from hermes.training.loss import HermesLoss
     from hermes.training.medcontext import MedContext
-    from hermes.training.precision import AmpSettings
     from hermes.training.trainer import train_step
 
     _, _, cache = prepared(tmp_path, {"absent_means": {"organ": "unannotated"}})

@@ -365,11 +365,11 @@ def test_evaluate_refuses_undeclared_label_values(tmp_path: Path, capsys, where:
 # Numeric arguments: checked at parse time, ranges in --help
 # ----------------------------------------------------------------------------------------------
 def test_every_numeric_option_is_range_checked() -> None:
-    """No subcommand takes a bare int/float: each numeric option has a hermes.cli_args range."""
+    """No subcommand takes a bare int/float: each numeric option has a hermes.cli.args range."""
     import argparse
 
     from hermes.cli import COMMANDS, build_parser
-    from hermes.cli_args import NumberRange
+    from hermes.cli.args import NumberRange
 
     checked = 0
     for name in COMMANDS:

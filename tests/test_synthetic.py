@@ -187,7 +187,7 @@ def test_passes_nnunet_verify_dataset_integrity(small_cohort: Path, monkeypatch:
 
 
 def test_cohort_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from hermes.synthetic import cli
+    from hermes.cli import cohort as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

@@ -10,8 +10,8 @@ import yaml
 
 from hermes.cli import main
 from hermes.errors import ConfigError
+from hermes.runtime import choose_device
 from hermes.training import trainer
-from hermes.training.distributed import choose_device
 
 
 def test_choose_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,7 +22,7 @@ def test_choose_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ConfigError, match=r"--device cuda.*CUDA was requested but is not available.*--device cpu"):
             choose_device(request)
     for request in ("tpu", "gpu", "cpu:x"):
-        with pytest.raises(ConfigError, match="not a training device"):
+        with pytest.raises(ConfigError, match="not a device this project runs on"):
             choose_device(request)
 
 

@@ -42,6 +42,7 @@ from hermes.adaptation.warm_start import (
 from hermes.config import AdaptationConfig, DataConfig, ModelConfig
 from hermes.data.catalog import Catalog, load_catalog
 from hermes.errors import ConfigError, DataError, ModelError
+from hermes.runtime import resolve_amp, to_device
 
 log = logging.getLogger(__name__)
 
@@ -261,17 +262,6 @@ def concat_batches(a: dict[str, Any], b: dict[str, Any], null_task_id: int) -> d
     return out
 
 
-def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            value = value.to(device, non_blocking=True)
-            if key == "image" and channels_last:
-                value = value.contiguous(memory_format=torch.channels_last_3d)
-        out[key] = value
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
@@ -299,7 +289,6 @@ def train(
     from hermes.training.ema import ModelEMA
     from hermes.training.loss import HermesLoss
     from hermes.training.optim import build_optimizer, build_scheduler, clip_gradients
-    from hermes.training.precision import resolve_amp
 
     torch.manual_seed(config.seed)
     amp = resolve_amp(config.precision, "auto", device)

@@ -231,9 +231,9 @@ def run_extend(
     progress: bool = True,
 ) -> ExtendOutcome:
     """Train the extension, run the gate, write the model where the verdict says."""
-    from hermes.adaptation.finetune import resolve_device
+    from hermes.runtime import choose_device
 
-    dev = resolve_device(device)
+    dev = choose_device(device)
     base = engine.load_base(config.base_model, dev)
     if not base.is_universal:
         raise ConfigError(

@@ -20,16 +20,9 @@ from hermes.data.cache import open_cache
 from hermes.data.cache_lock import read_lock
 from hermes.errors import ConfigError
 from hermes.fileio import atomic_directory, atomic_write_json
+from hermes.runtime import choose_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        from hermes.training.distributed import default_device
-
-        return default_device()
-    return torch.device(device)
 
 
 def run_finetune(
@@ -44,7 +37,7 @@ def run_finetune(
         raise ConfigError(f"output {output} exists; choose another folder or pass --overwrite")
     if output.resolve() == Path(config.base_model).resolve():
         raise ConfigError("finetune writes a new model: output must differ from base_model")
-    dev = resolve_device(device)
+    dev = choose_device(device)
     setup = engine.prepare(config, dev)
     data = engine.data_config_for(config, setup.base)
     index = open_cache(config.cache)

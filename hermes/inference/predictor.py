@@ -51,14 +51,10 @@ from hermes.fileio import atomic_directory, atomic_write_json
 from hermes.inference.chunks import GIB, memory_plan, split
 from hermes.inference.modality_guess import guess_message, reported_probability, trained_for_recognition
 from hermes.inference.postprocess import load_postprocessing
-from hermes.inference.sliding_window import (
-    central_window,
-    resolve_channels_last,
-    resolve_device,
-    sliding_window_inference,
-)
+from hermes.inference.sliding_window import central_window, sliding_window_inference
 from hermes.inference.tta import check_possible, mirrored_network, plan_mirroring, trained_mirror_axes
 from hermes.models.registry import load_model
+from hermes.runtime import choose_device, resolve_channels_last
 
 OutputMode = Literal["multilabel", "binary"]
 OVERLAP_RULE = "most probable task wins among tasks above the threshold"
@@ -257,7 +253,7 @@ class Predictor:
         if not self.model_dir.is_dir():
             raise ModelError(f"model directory not found: {self.model_dir}")
         self.config = config or InferenceConfig()
-        self.device = resolve_device(device)
+        self.device = choose_device(device)
         if engine == "torch":
             self.model, self.spec = load_model(self.model_dir, device=self.device)
         else:  # the same pipeline around another runtime's network (hermes/inference/onnx_engine.py)

@@ -28,55 +28,9 @@ import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from tqdm.auto import tqdm
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+from hermes.runtime import Precision, choose_device, resolve_autocast_dtype, resolve_channels_last
+
 Network = Callable[[torch.Tensor], torch.Tensor]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto": CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from hermes.errors import ConfigError
-
-        raise ConfigError("device 'cuda' requested but no CUDA device is available (use --device cpu)")
-    return device
-
-
-def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for the network, or None for plain float32.
-
-    "auto" picks bf16 on CUDA devices that support it (fp16 otherwise) and on CPUs with native
-    bf16 matrix units (AMX/AVX512-BF16, where oneDNN's bf16 convolutions were measured faster
-    than fp32: docs/bench/inference.md); other CPUs stay in fp32, where emulated bf16 is slower.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when oneDNN can run bf16 convolutions natively on this CPU."""
-    with contextlib.suppress(Exception):
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def resolve_channels_last(channels_last: bool | Literal["auto"], device: torch.device) -> bool:
-    """channels_last_3d helps oneDNN's CPU convolutions (measured, docs/bench/inference.md);
-    on CUDA cuDNN picks its own layout, so "auto" leaves the tensors contiguous there."""
-    if channels_last == "auto":
-        return device.type == "cpu"
-    return bool(channels_last)
 
 
 def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -153,7 +107,7 @@ class WindowRunner:
     ) -> None:
         self.network = network
         self.device = device
-        self.autocast_dtype = resolve_precision(precision, device)
+        self.autocast_dtype = resolve_autocast_dtype(precision, device)
         self.channels_last = resolve_channels_last(channels_last, device)
         self.mirrors = mirror_combinations(mirror_axes)
 
@@ -226,7 +180,7 @@ def sliding_window_inference(
         raise ValueError(f"window_size needs three positive sizes, got {window_size}")
     if window_batch_size < 1:
         raise ValueError("window_batch_size must be >= 1")
-    net_device = resolve_device(device) if device is not None else image.device
+    net_device = choose_device(device) if device is not None else image.device
     runner = WindowRunner(network, net_device, precision, channels_last, mirror_axes)
     window = tuple(int(w) for w in window_size)
     original_shape = tuple(image.shape[2:])

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hermes.runtime import choose_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -52,45 +54,6 @@ class DistContext:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
-
-
-def default_device(local_rank: int = 0) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def choose_device(requested: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """The training device: ``None``/"auto" -> :func:`default_device`; "cpu"; "cuda" (under
-    torchrun: this process's GPU by LOCAL_RANK); "cuda:N" (single process only). Raises a
-    ConfigError naming the problem when the request cannot be met."""
-    from hermes.errors import ConfigError
-
-    if requested is None or requested == "auto":
-        return default_device(local_rank)
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {requested!r}: not a training device (cpu, cuda, cuda:N or auto)")
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"--device {requested}: CUDA was requested but is not available (torch {torch.__version__}, "
-            "no visible GPU); use --device cpu or auto"
-        )
-    count = torch.cuda.device_count()
-    if device.index is None:
-        return torch.device("cuda", local_rank % count)
-    if world_size > 1:
-        raise ConfigError(
-            f"--device {requested}: under torchrun each process takes its GPU from LOCAL_RANK; pass --device cuda"
-        )
-    if device.index >= count:
-        raise ConfigError(f"--device {requested}: there are only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-    return device
 
 
 def init_distributed(timeout_minutes: float = 30.0, device: str | None = None) -> DistContext:

@@ -23,10 +23,10 @@ from hermes.data.catalog import Catalog, load_catalog
 from hermes.data.sampling import training_cases
 from hermes.errors import ConfigError, DataError, HermesError
 from hermes.models.registry import build_model
+from hermes.runtime import AmpSettings
 from hermes.training.checkpoint import checkpoint_path
 from hermes.training.distributed import find_unused_parameters
 from hermes.training.loss import HermesLoss
-from hermes.training.precision import AmpSettings
 
 
 @dataclass

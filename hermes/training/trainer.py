@@ -38,6 +38,7 @@ from hermes.data.loader import make_train_loader
 from hermes.errors import ConfigError
 from hermes.fileio import atomic_write_text
 from hermes.models.registry import save_model
+from hermes.runtime import AmpSettings, resolve_amp, to_device
 from hermes.training.checkpoint import (
     capture_rng_state,
     checkpoint_path,
@@ -58,7 +59,6 @@ from hermes.training.plan import (
     load_data,
     model_spec,
 )
-from hermes.training.precision import AmpSettings, resolve_amp
 from hermes.training.validation import Validator, mean_dice
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,6 @@ class _View:
 def _half(out: Any, part: slice) -> _View:
     mod = out.modality_logits[part] if out.modality_logits is not None else None
     return _View(out.logits[part], mod, [d[part] for d in out.deep_supervision])
-
-
-def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
-    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    if channels_last:
-        moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last_3d)
-    return moved
 
 
 def medcontext_generator(seed: int, rank: int, step: int) -> torch.Generator:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from hermes.cli_args import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
+from hermes.cli.args import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from hermes.config import deep_merge, read_yaml, validate
 from hermes.errors import ConfigError
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from hermes.cli_args import NON_NEGATIVE_INT, POSITIVE_INT
+from hermes.cli.args import NON_NEGATIVE_INT, POSITIVE_INT
 from hermes.fileio import atomic_write_text
 
 
@@ -77,13 +77,13 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Run (or resume) the demo pipeline under ``out``; returns the test-set evaluation."""
+    from hermes.cli.cohort import describe_cohort
     from hermes.config import load_train_config
     from hermes.data.cache import prepare_cache
     from hermes.data.catalog import load_catalog
     from hermes.evaluation.evaluate import evaluate_model, format_table, write_outputs
     from hermes.evaluation.report import overlay_files
     from hermes.synthetic import generate_cohort
-    from hermes.synthetic.cli import describe_cohort
     from hermes.training.checkpoint import checkpoint_path
     from hermes.training.trainer import train
 

@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from hermes.cli_args import POSITIVE_INT
+from hermes.cli.args import POSITIVE_INT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from hermes.cli_args import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
+from hermes.cli.args import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from hermes.errors import ConfigError
 
 

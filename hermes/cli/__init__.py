@@ -1,8 +1,9 @@
 """The ``hermes`` command: one subcommand per pipeline stage.
 
-Each subcommand lives in the module of its stage and exposes two functions,
-``add_arguments(parser)`` and ``run(args) -> int``. This file only maps names to modules so
-that stages stay independent and ``hermes --help`` stays fast (modules import lazily).
+Each subcommand is one module of this package (``hermes/cli/<command>.py``) that exposes
+``add_arguments(parser)`` and ``run(args) -> int``; the stage packages (data, models, training,
+inference, evaluation, adaptation, synthetic) import no argparse (tests/test_layering.py). This
+file only maps names to modules so that ``hermes --help`` stays fast (modules import lazily).
 """
 
 from __future__ import annotations
@@ -16,25 +17,25 @@ from hermes import __version__
 
 # name -> (module, one-line help), in pipeline order.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("hermes.demo", "Generate the synthetic cohort, train one universal model, evaluate it."),
-    "cohort": ("hermes.synthetic.cli", "Generate the built-in synthetic multi-dataset cohort."),
-    "catalog": ("hermes.data.catalog_cli", "Show/validate a catalog: the task x dataset table."),
-    "prepare": ("hermes.data.prepare_cli", "Preprocess the datasets of a catalog into a cache."),
-    "train": ("hermes.training.cli", "Train a universal (or per-dataset) model from a YAML config."),
-    "predict": ("hermes.inference.cli", "Segment images with a trained model."),
-    "export": ("hermes.inference.export_cli", "Export a trained model to ONNX (predict --engine onnxruntime)."),
-    "evaluate": ("hermes.evaluation.cli", "Score predictions (Dice, HD95, NSD) and write reports."),
-    "benchmark": ("hermes.evaluation.benchmark_cli", "Universal vs per-dataset models on the same cases, paired CIs."),
-    "finetune": ("hermes.adaptation.finetune_cli", "Transfer a trained universal model to a new dataset."),
-    "extend": ("hermes.adaptation.extend_cli", "Add tasks to a model without forgetting the old ones."),
-    "priors": ("hermes.adaptation.priors_cli", "Plot the similarity of the learned context priors."),
+    "demo": ("hermes.cli.demo", "Generate the synthetic cohort, train one universal model, evaluate it."),
+    "cohort": ("hermes.cli.cohort", "Generate the built-in synthetic multi-dataset cohort."),
+    "catalog": ("hermes.cli.catalog", "Show/validate a catalog: the task x dataset table."),
+    "prepare": ("hermes.cli.prepare", "Preprocess the datasets of a catalog into a cache."),
+    "train": ("hermes.cli.train", "Train a universal (or per-dataset) model from a YAML config."),
+    "predict": ("hermes.cli.predict", "Segment images with a trained model."),
+    "export": ("hermes.cli.export", "Export a trained model to ONNX (predict --engine onnxruntime)."),
+    "evaluate": ("hermes.cli.evaluate", "Score predictions (Dice, HD95, NSD) and write reports."),
+    "benchmark": ("hermes.cli.benchmark", "Universal vs per-dataset models on the same cases, paired CIs."),
+    "finetune": ("hermes.cli.finetune", "Transfer a trained universal model to a new dataset."),
+    "extend": ("hermes.cli.extend", "Add tasks to a model without forgetting the old ones."),
+    "priors": ("hermes.cli.priors", "Plot the similarity of the learned context priors."),
 }
 
 
 def _available(module: str) -> bool:
     """Whether a stage module exists, without importing its package (which may import torch)."""
     relative = Path(*module.split(".")[1:])
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent  # the hermes package
     return (root / relative).with_suffix(".py").is_file() or (root / relative / "__init__.py").is_file()
 
 
@@ -86,6 +87,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hermes {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

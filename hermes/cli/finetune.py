@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from hermes.adaptation.cli_common import add_common_arguments, build_config, setup_logging
+from hermes.cli.adaptation_args import add_common_arguments, build_config, setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

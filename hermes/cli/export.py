@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hermes.cli_args import POSITIVE_FLOAT, POSITIVE_INT
+from hermes.cli.args import POSITIVE_FLOAT, POSITIVE_INT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hermes.cli_args import FRACTION, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
+from hermes.cli.args import FRACTION, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from hermes.config import EvaluationConfig
 
 

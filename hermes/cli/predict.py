@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hermes.cli_args import FRACTION, POSITIVE_FLOAT, POSITIVE_INT, UNIT_OPEN
+from hermes.cli.args import FRACTION, POSITIVE_FLOAT, POSITIVE_INT, UNIT_OPEN
 from hermes.config import InferenceConfig
 
 

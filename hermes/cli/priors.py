@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hermes.cli_args import POSITIVE_INT
+from hermes.cli.args import POSITIVE_INT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

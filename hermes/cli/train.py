@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hermes.cli_args import POSITIVE_INT
+from hermes.cli.args import POSITIVE_INT
 from hermes.config import load_train_config
 
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hermes.adaptation.cli_common import add_common_arguments, build_config, setup_logging
-from hermes.cli_args import FINITE_FLOAT, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
+from hermes.cli.adaptation_args import add_common_arguments, build_config, setup_logging
+from hermes.cli.args import FINITE_FLOAT, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
