@@ -25,6 +25,7 @@ from torch import nn
 from hermes.config import ModelConfig
 from hermes.errors import ConfigError, ModelError
 from hermes.fileio import atomic_write_bytes, atomic_write_json
+from hermes.models.architectures import patch_constraints
 from hermes.models.backbone import DEEP_SUPERVISION_LEVELS, ordered_stages, stage_widths
 from hermes.models.baselines import BackboneWithHead, MonaiAdapter, TraditionalModel, dynunet_kernels_strides
 from hermes.models.heads import ModalityHead, PrototypeHead, TaskLogitCalibration
@@ -152,7 +153,8 @@ def _build_hermes(config: ModelConfig, num_tasks: int, num_modalities: int) -> H
 
 def _build_network(config: ModelConfig, out_channels: int, patch_size: Sequence[int] | None) -> nn.Module:
     preset, widths, blocks, downsample = _resolved(config)
-    if config.architecture in ("dynunet", "swinunetr") and config.deep_supervision:
+    rules = patch_constraints(config)
+    if config.deep_supervision and not rules.deep_supervision:
         raise ConfigError(f"model.deep_supervision is not supported for {config.architecture}")
     if config.architecture == "resunet":
         backbone: nn.Module = ResUNet(config.in_channels, widths, blocks, downsample, config.norm)
@@ -183,11 +185,11 @@ def _build_network(config: ModelConfig, out_channels: int, patch_size: Sequence[
             norm_name=norm,
         )
         return MonaiAdapter(network)
-    if patch_size is not None and min(patch_size) < 64:
-        # Five 2x reductions leave a 1-voxel bottleneck below 64, where instance norm cannot
-        # train (MONAI raises "Expected more than 1 spatial element" in the first step).
+    if patch_size is not None and min(patch_size) < rules.min_size:
+        # MONAI raises "Expected more than 1 spatial element" in the first step instead.
         raise ConfigError(
-            f"model.architecture swinunetr needs patches of at least 64 voxels per axis, got {list(patch_size)}"
+            f"model.architecture swinunetr needs patches of at least {rules.min_size} voxels per axis, "
+            f"got {list(patch_size)} ({rules.why})"
         )
     network = SwinUNETR(
         in_channels=config.in_channels,

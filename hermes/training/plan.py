@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hermes.config import ModelConfig, TrainConfig
+from hermes.config import TrainConfig
 from hermes.data.cache import CacheIndex, check_cached_cases, open_cache
 from hermes.data.catalog import Catalog, load_catalog
 from hermes.data.sampling import training_cases
 from hermes.errors import ConfigError, DataError, HermesError
+from hermes.models.architectures import patch_constraints
 from hermes.models.registry import build_model
 from hermes.runtime import AmpSettings
 from hermes.training.checkpoint import checkpoint_path
@@ -95,29 +96,15 @@ def load_data(config: TrainConfig) -> RunData:
     return RunData(catalog, cache, train, val, task_ids_of_model)
 
 
-def downsampling_factor(model: ModelConfig) -> list[int]:
-    """Per-axis product of the model's down-sampling strides: patches must be multiples of it."""
-    if model.architecture == "swinunetr":
-        return [32, 32, 32]
-    if model.architecture == "dynunet":
-        return [1, 1, 1]  # derives its strides from the patch itself
-    strides = model.downsample or [[2, 2, 2]] * 4
-    return [math.prod(s[axis] for s in strides) for axis in range(3)]
-
-
 def check_patch(config: TrainConfig) -> None:
-    factor = downsampling_factor(config.model)
-    patch = config.data.patch_size
-    bad = [f"{p} (axis {a}) is not a multiple of {f}" for a, (p, f) in enumerate(zip(patch, factor)) if p % f]
-    if bad:
+    """The patch against the architecture's own constraints (hermes/models/architectures.py)."""
+    rules = patch_constraints(config.model)
+    problems = rules.problems(config.data.patch_size)
+    if problems:
         raise ConfigError(
-            f"data.patch_size {patch}: {'; '.join(bad)}, the model's total down-sampling "
-            f"({config.model.architecture}, strides {config.model.downsample or '[[2,2,2]] x 4'})"
+            f"data.patch_size {config.data.patch_size}: {'; '.join(problems)} "
+            f"({config.model.architecture}: {rules.why})"
         )
-    if config.model.architecture.startswith("hermes_"):
-        low = [p // f for p, f in zip(patch, factor)]
-        if min(low) < 2:
-            raise ConfigError(f"data.patch_size {patch} leaves a bottleneck of {low} voxels; use at least 2 per axis")
 
 
 def build_checked_model(config: TrainConfig, data: RunData, device: torch.device, amp: AmpSettings) -> tuple[nn.Module, list[str]]:
