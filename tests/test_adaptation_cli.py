@@ -146,7 +146,7 @@ def test_extend_in_place_with_rehearsal_and_distillation(adapt_env: dict, tmp_pa
 
 
 def test_priors_cli_writes_labelled_heatmaps(adapt_env: dict, tmp_path: Path) -> None:
-    from hermes.adaptation.similarity import SimilarityMatrix, heatmap_figure
+    from hermes.evaluation.similarity import SimilarityMatrix, heatmap_figure
 
     out = tmp_path / "priors"
     code = main(["priors", str(adapt_env["base"]), "--out", str(out), "--cache", str(adapt_env["cache"]),

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from hermes.adaptation.priors_analysis import (
+from hermes.config import ModelConfig
+from hermes.errors import ModelError
+from hermes.evaluation.priors_analysis import (
     prior_pools,
     similarity_matrices,
     static_prototypes,
     write_analysis,
 )
-from hermes.adaptation.similarity import (
+from hermes.evaluation.similarity import (
     SimilarityMatrix,
     cluster_order,
     cosine_similarity,
@@ -23,8 +25,6 @@ from hermes.adaptation.similarity import (
     nearest_neighbours,
     same_structure_neighbour_rate,
 )
-from hermes.config import ModelConfig
-from hermes.errors import ModelError
 from hermes.models.registry import build_model
 
 TASKS = ["AbdomenCT/liver", "AbdomenCT/spleen", "LiverCT/liver", "AbdomenT2/spleen", "BrainT1/csf"]
@@ -100,3 +100,17 @@ def test_matrices_of_a_model(tmp_path: Path) -> None:
 def test_task_count_mismatch_is_a_model_error() -> None:
     with pytest.raises(ModelError, match="task priors"):
         similarity_matrices(_tiny(3), TASKS, ["CT"])
+
+
+@pytest.mark.parametrize("multiscale", [True, False])
+def test_prototype_stages_are_read_from_the_model(multiscale: bool) -> None:
+    """The analysis uses the stages the model declares, not a guess from a layer width."""
+    from hermes.evaluation.priors_analysis import prior_pools, prototype_stage_indices
+
+    model = build_model(ModelConfig(preset="tiny", multiscale_prototypes=multiscale), 4, 3)
+    pools = prior_pools(model)
+    expected = list(range(len(pools))) if multiscale else [len(pools) - 1]
+    assert prototype_stage_indices(model, pools) == expected
+    assert [pools[i].stage for i in expected] == list(model.prototype_stages)
+    model.prototype_stages = [pools[0].stage]  # a declaration the head's width could not reveal
+    assert prototype_stage_indices(model, pools) == [0]

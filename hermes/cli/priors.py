@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hermes.adaptation.engine import model_catalog
-    from hermes.adaptation.priors_analysis import posterior_prototypes, similarity_matrices, write_analysis
     from hermes.errors import ConfigError
+    from hermes.evaluation.priors_analysis import posterior_prototypes, similarity_matrices, write_analysis
     from hermes.models.registry import load_model
 
     if args.cases < 1:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hermes.adaptation.similarity import (
+from hermes.errors import ModelError
+from hermes.evaluation.similarity import (
     SimilarityMatrix,
     cluster_order,
     cosine_similarity,
@@ -42,7 +43,6 @@ from hermes.adaptation.similarity import (
     write_csv,
     write_heatmap,
 )
-from hermes.errors import ModelError
 from hermes.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,11 @@ def prototype_stage_indices(model: nn.Module, pools: list[PoolView]) -> list[int
     head = _find(model, PrototypeHead)
     if head is None:
         return None
+    names = [view.stage for view in pools]
+    declared = getattr(model, "prototype_stages", None)  # HermesModel says which stages it uses
+    if declared is not None and all(stage in names for stage in declared):
+        return [names.index(stage) for stage in declared]
+    # A module that does not declare them (e.g. wrapped): match the head's input width.
     in_dim = int(head.norm.normalized_shape[0])  # type: ignore[union-attr]
     widths = [view.task_tokens.shape[1] for view in pools]
     if in_dim == sum(widths):
