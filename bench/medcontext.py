@@ -128,7 +128,7 @@ def _cost_setup(args: argparse.Namespace, medcontext: bool) -> dict[str, Any]:
 
 
 def _one_step(state: dict[str, Any], step: int) -> float:
-    from hermes.training.trainer import medcontext_generator, train_step
+    from hermes.training.step import medcontext_generator, train_step
 
     mc = state["mc"]
     start = time.perf_counter()

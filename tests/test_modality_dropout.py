@@ -18,7 +18,7 @@ from hermes.data.catalog import load_catalog
 from hermes.data.sampling import PatchSampler, modality_prompt, training_cases
 from hermes.runtime import AmpSettings
 from hermes.training.loss import HermesLoss
-from hermes.training.trainer import train_step
+from hermes.training.step import train_step
 
 
 def _sampler(small_cache: tuple[Path, Path], rate: float, seed: int = 0) -> PatchSampler:

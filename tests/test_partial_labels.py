@@ -364,7 +364,7 @@ def test_train_step_with_medcontext_gives_unannotated_tasks_no_gradient(tmp_path
     from hermes.runtime import AmpSettings
     from hermes.training.loss import HermesLoss
     from hermes.training.medcontext import MedContext
-    from hermes.training.trainer import train_step
+    from hermes.training.step import train_step
 
     _, _, cache = prepared(tmp_path, {"absent_means": {"organ": "unannotated"}})
     batch = sampler_of(cache, ["case1"]).batch(0)  # organ unannotated, lesion annotated

@@ -57,6 +57,8 @@ def test_training_and_inference_share_the_rules() -> None:
     assert predictor.choose_device is finetune.choose_device is distributed.choose_device is runtime.choose_device
     assert sliding_window.resolve_autocast_dtype is runtime.resolve_autocast_dtype
     assert plan.AmpSettings is runtime.AmpSettings
+    # ... and both loops run the same optimisation step (hermes/training/step.py)
+    assert trainer.train_step is engine.train_step
 
 
 def test_to_device_moves_tensors_and_sets_the_image_layout() -> None:

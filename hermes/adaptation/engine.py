@@ -20,7 +20,7 @@ import copy
 import datetime as _dt
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,10 @@ from hermes.config import AdaptationConfig, DataConfig, ModelConfig
 from hermes.data.catalog import Catalog, load_catalog
 from hermes.errors import ConfigError, DataError, ModelError
 from hermes.runtime import resolve_amp, to_device
+from hermes.training.step import ExtraLoss, train_step
 
 log = logging.getLogger(__name__)
 
-ExtraLoss = Callable[[nn.Module, dict[str, Any], int], dict[str, Tensor]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def train(
 
     from hermes.training.ema import ModelEMA
     from hermes.training.loss import HermesLoss
-    from hermes.training.optim import build_optimizer, build_scheduler, clip_gradients
+    from hermes.training.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(config.seed)
     amp = resolve_amp(config.precision, "auto", device)
@@ -319,34 +319,18 @@ def train(
         if extra_batches is not None:
             batch = concat_batches(batch, next(extra_batches), int(null_task_id))  # type: ignore[arg-type]
         batch = to_device(batch, device, amp.channels_last)
-        with amp.autocast():
-            output = model(batch["image"], batch["task_ids"], batch["modality_id"], batch["task_mask"])
-            terms = loss_fn(output, batch)
-            total = terms["total"]
-            if extra_loss is not None:
-                for name, value in extra_loss(model, batch, step).items():
-                    terms[name] = value
-                    total = total + value
-        if not torch.isfinite(total):
-            raise ModelError(f"adaptation diverged at step {step} (loss {float(total)}); lower optim.lr")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-        else:
-            total.backward()
-        clip_gradients(trainable, config.optim.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        # Adaptation prompts with each case's own modality (no modality-prompt dropout): the
+        # new datasets' modalities are known, and the base model's recognition is left as is.
+        batch.pop("modality_prompt_id", None)
+        terms = train_step(model, batch, loss_fn, optimizer, amp, scaler, config.optim.grad_clip, step=step,
+                           extra_loss=extra_loss)
+        if not math.isfinite(terms["loss"]):
+            raise ModelError(f"adaptation diverged at step {step} (loss {terms['loss']}); lower optim.lr")
         scheduler.step()
         ema.update(model, step)
         for name, value in terms.items():
-            if name != "total":
-                running[name] = running.get(name, 0.0) + float(value.detach())
-        running["loss"] = running.get("loss", 0.0) + float(total.detach())
+            if name != "grad_norm":
+                running[name] = running.get(name, 0.0) + value
         running["_n"] = running.get("_n", 0.0) + 1
         if (step + 1) % max(config.log_every, 1) == 0 or step + 1 == config.steps:
             n = running.pop("_n")
