@@ -258,3 +258,19 @@ def test_task_dice_averages_shared_tasks_over_datasets() -> None:
     scores = task_dice(summary)
     assert scores["liver"][0] == pytest.approx(80.0) and scores["liver"][1] == 5
     assert scores["tumour"] == (None, 2)
+
+
+def test_adaptation_stops_with_a_clear_error_when_the_loss_diverges(tmp_path: Any) -> None:
+    """The shared optimisation step skips a non-finite update; adaptation then stops, naming the step,
+    and the weights are not poisoned by the NaN."""
+    model = _tiny(3, 7, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def nan_after_first(model: torch.nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        return {"distill": torch.tensor(float("nan") if step == 1 else 0.0)}
+
+    config = _config(tmp_path, steps=3)
+    with pytest.raises(ModelError, match="diverged at step 1"):
+        engine.train(model, _random_batches(3), config, torch.device("cpu"), extra_loss=nan_after_first, progress=False)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in before.items())  # step 0 trained
