@@ -277,3 +277,15 @@ def test_load_model_errors_name_the_problem(tmp_path) -> None:
 def test_swinunetr_rejects_patches_it_cannot_train_on() -> None:
     with pytest.raises(ConfigError, match="at least 64"):
         build_model(ModelConfig(architecture="swinunetr", preset="tiny"), T, M, task_ids_of_model=[1], patch_size=[32, 64, 64])
+
+
+def test_saved_patch_size_prefers_the_network_entry() -> None:
+    """An adapted model inherits the base run's top-level patch_size; the window must be the one
+    its network was built and trained with (spec["model"]), wherever it is read."""
+    from hermes.models.registry import saved_patch_size
+
+    spec = {"patch_size": [32, 32, 32], "model": {"patch_size": [48, 48, 48]}}
+    assert saved_patch_size(spec) == [48, 48, 48]
+    assert saved_patch_size({"patch_size": [32, 32, 32], "model": {"patch_size": None}}) == [32, 32, 32]
+    with pytest.raises(ModelError, match="no patch_size"):
+        saved_patch_size({"model": {"patch_size": None}}, "m/spec.json")

@@ -42,6 +42,7 @@ from hermes.adaptation.warm_start import (
 from hermes.config import AdaptationConfig, DataConfig, ModelConfig
 from hermes.data.catalog import Catalog, load_catalog
 from hermes.errors import ConfigError, DataError, ModelError
+from hermes.models.registry import saved_patch_size
 from hermes.runtime import resolve_amp, to_device
 from hermes.training.step import ExtraLoss, train_step
 
@@ -202,8 +203,10 @@ def data_config_for(config: AdaptationConfig, base: BaseModel) -> DataConfig:
     """The adaptation run's data settings: the config's, else defaults at the model's patch size."""
     if config.data is not None:
         return config.data
-    patch = base.spec["model"].get("patch_size") or base.spec.get("patch_size")
-    return DataConfig(patch_size=list(patch)) if patch else DataConfig()
+    try:
+        return DataConfig(patch_size=saved_patch_size(base.spec, base.directory))
+    except ModelError:  # a model saved without a patch size: DataConfig's default
+        return DataConfig()
 
 
 def choose_cases(

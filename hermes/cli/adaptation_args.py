@@ -8,6 +8,7 @@ so a one-off run needs no YAML and a recorded experiment needs no flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,11 +103,11 @@ def build_config(args: argparse.Namespace, model_type: type[ConfigT], extra: dic
         raise ConfigError(f"missing {', '.join(flags_of[k] for k in missing)} (or the key in --config)")
     if isinstance(data.get("data"), dict) and "patch_size" not in data["data"]:
         # A partial `data:` section keeps the base model's patch size, not DataConfig's default.
-        from hermes.models.registry import read_spec
+        from hermes.errors import ModelError
+        from hermes.models.registry import read_spec, saved_patch_size
 
-        patch = read_spec(data["base_model"])["model"].get("patch_size")
-        if patch:
-            data["data"]["patch_size"] = list(patch)
+        with contextlib.suppress(ModelError):  # saved without one: DataConfig's default
+            data["data"]["patch_size"] = saved_patch_size(read_spec(data["base_model"]), data["base_model"])
     return validate(model_type, data, source)
 
 

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from hermes.adaptation.engine import model_catalog
     from hermes.errors import ConfigError
     from hermes.evaluation.priors_analysis import posterior_prototypes, similarity_matrices, write_analysis
-    from hermes.models.registry import load_model
+    from hermes.models.registry import load_model, saved_patch_size
 
     if args.cases < 1:
         raise ConfigError("--cases must be at least 1")
@@ -43,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
     catalog = model_catalog(Path(args.model), spec)
     posterior = counts = None
     if args.cache is not None:
-        patch = spec["model"].get("patch_size") or spec.get("patch_size")
-        if not patch:
-            raise ConfigError(f"{args.model}: spec.json has no patch_size; cannot crop cached cases")
+        patch = saved_patch_size(spec, args.model)
         found = posterior_prototypes(model, catalog, args.cache, patch, args.cases, args.device)
         if found is None:
             print(f"note: no cached case of the model's datasets in {args.cache}; posterior prototypes skipped")

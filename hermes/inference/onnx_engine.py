@@ -49,7 +49,7 @@ from hermes import __version__
 from hermes.errors import ConfigError, DataError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_bytes, atomic_write_json
 from hermes.models.hermes import SegmentationOutput
-from hermes.models.registry import load_model, read_spec
+from hermes.models.registry import load_model, read_spec, saved_patch_size
 
 ONNX_FILE = "model.onnx"
 META_FILE = "hermes_onnx.json"
@@ -124,7 +124,7 @@ def export_onnx(
     model, spec = load_model(model_dir, device="cpu")
     with_modality = _has_modality_head(model)
     wrapper = _ExportWrapper(model, with_modality).eval()
-    patch = [int(v) for v in spec["model"]["patch_size"]]
+    patch = saved_patch_size(spec, model_dir)
     example = _example(spec, patch, 2, 1, seed=0)
     outputs = ["logits", "modality_logits"] if with_modality else ["logits"]
     dims = {2: "X", 3: "Y", 4: "Z"}

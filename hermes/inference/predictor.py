@@ -53,7 +53,7 @@ from hermes.inference.modality_guess import guess_message, reported_probability,
 from hermes.inference.postprocess import load_postprocessing
 from hermes.inference.sliding_window import central_window, sliding_window_inference
 from hermes.inference.tta import check_possible, mirrored_network, plan_mirroring, trained_mirror_axes
-from hermes.models.registry import load_model
+from hermes.models.registry import SPEC_FILE, load_model, saved_patch_size
 from hermes.runtime import choose_device, resolve_channels_last
 
 OutputMode = Literal["multilabel", "binary"]
@@ -218,13 +218,6 @@ def _load_plans(model_dir: Path, spec: dict[str, Any]) -> list[PreprocessPlan]:
     return list(plans.values())
 
 
-def _patch_size(model_dir: Path, spec: dict[str, Any]) -> list[int]:
-    for candidate in (spec.get("patch_size"), (spec.get("model") or {}).get("patch_size")):
-        if isinstance(candidate, list) and len(candidate) == 3:
-            return [int(v) for v in candidate]
-    raise ModelError(f"{model_dir / 'spec.json'}: no patch_size")
-
-
 @dataclass(frozen=True)
 class PromptGroup:
     """One sliding-window pass: the prompted task ids and which of them are kept."""
@@ -263,7 +256,7 @@ class Predictor:
             channels_last = False
         self.catalog = model_catalog(self.model_dir, self.spec)
         self.plans = _load_plans(self.model_dir, self.spec)
-        self.patch_size = _patch_size(self.model_dir, self.spec)
+        self.patch_size = saved_patch_size(self.spec, self.model_dir / SPEC_FILE)
         model_entry = self.spec["model"]
         self.own_tasks: list[int] | None = model_entry.get("task_ids_of_model")
         config_entry = model_entry.get("config") or {}

@@ -283,6 +283,19 @@ def read_spec(directory: str | Path) -> dict[str, Any]:
     return spec
 
 
+def saved_patch_size(spec: dict[str, Any], where: str | Path = SPEC_FILE) -> list[int]:
+    """The patch a saved network was built and trained with: the one reader of it.
+
+    ``spec["model"]["patch_size"]`` (written with the network) comes first; the top-level copy is
+    the training run's summary, which an adaptation run (finetune/extend at another patch size)
+    inherits from its base model, so readers that preferred it used the wrong window.
+    """
+    for candidate in ((spec.get("model") or {}).get("patch_size"), spec.get("patch_size")):
+        if isinstance(candidate, (list, tuple)) and len(candidate) == 3:
+            return [int(v) for v in candidate]
+    raise ModelError(f"{where}: no patch_size (a 3-number list) in 'model' or at the top level")
+
+
 def migrate_model_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved model config in today's schema: keys added since are filled with the value that
     reproduces the saved network (a model saved before ``prototype_logit`` existed used "dot")."""
