@@ -9,12 +9,16 @@ priors at five named points, all at 1/4 resolution or coarser:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-FUSION_STAGES: tuple[str, ...] = ("enc2", "enc3", "bottleneck", "dec1", "dec2")
+from hermes.config import FusionStage
+
+# the stage names, in data-flow order, are the config's (one list: hermes/config.py FusionStage)
+FUSION_STAGES: tuple[str, ...] = typing.get_args(FusionStage)
 STAGE_LEVEL: dict[str, int] = {"enc2": 2, "enc3": 3, "bottleneck": 4, "dec1": 3, "dec2": 2}
 # Decoder outputs offered for deep supervision, highest resolution first.
 DEEP_SUPERVISION_LEVELS: dict[str, int] = {"dec3": 1, "dec2": 2}
