@@ -234,6 +234,10 @@ class MedContextConfig(Strict):
     # True: the teacher is the validation EMA (one copy of the weights less; the trainer then
     # runs that EMA with `teacher_momentum` instead of `ema_decay`); False: a separate copy.
     reuse_validation_ema: bool = False
+    # Every N steps, log each term's gradient norm and its share of their sum (grad_norm_*,
+    # grad_share_* in train_log.csv and TensorBoard), so a user sees whether the context term
+    # acts at all. Costs one extra backward per term on those steps; None: never.
+    term_gradients_every: int | None = Field(default=100, ge=1)
 
     @field_validator("mask_patch")
     @classmethod

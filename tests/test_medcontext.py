@@ -315,3 +315,45 @@ def test_state_round_trip() -> None:
     assert "teacher" not in reuse.state_dict()
     with pytest.raises(ModelError, match="reuse_validation_ema"):
         reuse.load_state_dict(state)
+
+
+def test_term_gradients_are_finite_and_the_context_term_reaches_the_student_only() -> None:
+    """With term_gradients the step reports each term's size, gradient norm and share; the
+    consistency term has a gradient on the student, and the teacher gets none."""
+    from hermes.config import LossConfig
+    from hermes.runtime import AmpSettings
+    from hermes.training.loss import HermesLoss
+    from hermes.training.step import train_step
+
+    class Net(TinyNet):
+        def forward(self, image, task_ids, modality_id, task_mask=None):  # type: ignore[override]
+            out = super().forward(image, task_ids, modality_id, task_mask)
+            return SimpleNamespace(logits=out.logits, modality_logits=None, deep_supervision=[])
+
+    torch.manual_seed(0)
+    student = Net()
+    mc = make(student, mask_patch=[4, 4, 4], consistency_weight=10.0)
+    with torch.no_grad():  # a teacher that disagrees, so consistency has a gradient
+        for p in mc.teacher.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    image, target, task_ids, task_mask, modality = _batch()
+    batch = {"image": image, "target": target, "task_ids": task_ids, "task_mask": task_mask, "modality_id": modality}
+    amp = AmpSettings(dtype=None, use_scaler=False, channels_last=False, device_type="cpu")
+    loss_fn = HermesLoss(LossConfig(modality_weight=0.0))
+
+    def step(measure: bool) -> dict[str, float]:
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+        return train_step(student, batch, loss_fn, optimizer, amp, None, None, medcontext=mc,
+                          generator=torch.Generator().manual_seed(0), step=5, term_gradients=measure)
+
+    plain = step(False)
+    assert not any(k.startswith("grad_share_") for k in plain)
+    terms = step(True)
+    names = ("supervised", "masked_supervised", "consistency")
+    for key in ("loss", "consistency", "masked_supervised", *(f"grad_norm_{n}" for n in names)):
+        assert math.isfinite(terms[key]), key
+    assert terms["grad_norm_consistency"] > 0 and terms["consistency"] > 0
+    assert math.isclose(sum(terms[f"grad_share_{n}"] for n in names), 1.0, rel_tol=1e-6)
+    assert math.isclose(terms["loss"], plain["loss"], rel_tol=1e-6)  # measuring does not change the step
+    assert all(p.grad is None and not p.requires_grad for p in mc.teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())

@@ -221,6 +221,9 @@ def test_traditional_and_medcontext_resume(small_cache, tmp_path) -> None:
     teacher = state["medcontext"]["teacher"]
     log = list(csv.DictReader((tmp_path / "mc" / "train_log.csv").open()))
     assert {"masked_supervised", "consistency"} <= set(log[0])
+    # step 0 is a term-gradient step (medcontext.term_gradients_every): the shares are logged
+    shares = [float(log[0][f"grad_share_{n}"]) for n in ("supervised", "masked_supervised", "consistency")]
+    assert all(0.0 <= v <= 1.0 for v in shares) and abs(sum(shares) - 1.0) < 1e-5
     more = train(_config(small_cache, tmp_path / "mc", **overrides), extend_steps=1, progress=False)
     assert more.steps == 3 and len(first.losses) == 2
     after = load_checkpoint(checkpoint_path(tmp_path / "mc"))["medcontext"]["teacher"]

@@ -311,7 +311,9 @@ class MedContext:
 
         beta = self.config.consistency_weight * self.consistency_ramp(step)
         total = self.config.masked_supervision_weight * masked_supervised + beta * consistency
-        return {"masked_supervised": masked_supervised, "consistency": consistency, "total": total}
+        return {"masked_supervised": masked_supervised, "consistency": consistency, "total": total,
+                "weighted_masked_supervised": self.config.masked_supervision_weight * masked_supervised,
+                "weighted_consistency": beta * consistency}
 
     # ------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

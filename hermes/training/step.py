@@ -58,6 +58,7 @@ def train_step(
     generator: torch.Generator | None = None,
     step: int = 0,
     extra_loss: ExtraLoss | None = None,
+    term_gradients: bool = False,
 ) -> dict[str, float]:
     """Forward, loss, backward, clip, optimiser step. Returns the loss terms and the gradient norm.
 
@@ -66,8 +67,11 @@ def train_step(
     equivalent to two passes for per-sample normalisation (instance/group norm).
     ``extra_loss(model, batch, step)`` adds named terms computed after the forward (the
     adaptation commands' distillation). A non-finite gradient norm skips the optimiser step
-    (logged); the caller decides whether a non-finite loss ends the run.
+    (logged); the caller decides whether a non-finite loss ends the run. ``term_gradients``
+    (MedContext only): also return each term's gradient norm (``grad_norm_<term>``) and its
+    share of their sum (``grad_share_<term>``), at the cost of one extra backward per term.
     """
+    contributions: dict[str, torch.Tensor] = {}
     image, task_ids, task_mask = batch["image"], batch["task_ids"], batch["task_mask"]
     # the prompt's modality (modality-prompt dropout, hermes/data/sampling.py); the loss reads
     # the true batch["modality_id"]
@@ -88,6 +92,8 @@ def train_step(
                 out.logits[n:], teacher, batch["target"], task_ids, batch.get("loss_mask", task_mask), hidden, step,
                 loss_fn.segmentation,
             )
+            contributions = {"supervised": terms["total"], "masked_supervised": extra["weighted_masked_supervised"],
+                             "consistency": extra["weighted_consistency"]}
             terms["masked_supervised"] = extra["masked_supervised"]
             terms["consistency"] = extra["consistency"]
             terms["total"] = terms["total"] + extra["total"]
@@ -96,6 +102,7 @@ def train_step(
                 terms[name] = value
                 terms["total"] = terms["total"] + value
     total = terms["total"]
+    term_norms = _term_gradient_norms(model, contributions) if term_gradients and contributions else {}
     (scaler.scale(total) if scaler is not None else total).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -109,4 +116,25 @@ def train_step(
         log.warning("step %d: non-finite gradient norm, optimiser step skipped", step)
     out_terms = {("loss" if k == "total" else k): float(v.detach()) for k, v in terms.items()}
     out_terms["grad_norm"] = grad_norm
+    out_terms.update(term_norms)
     return out_terms
+
+
+def _term_gradient_norms(model: nn.Module, contributions: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Gradient norm of each loss term on its own (autograd.grad, the graph kept for the real
+    backward) and its share of their sum. Not under DDP: its reducer does not see autograd.grad."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms: dict[str, float] = {}
+    for name, value in contributions.items():
+        if not value.requires_grad:
+            norms[name] = 0.0
+            continue
+        grads = torch.autograd.grad(value.float(), params, retain_graph=True, allow_unused=True)
+        squares = [g.float().pow(2).sum() for g in grads if g is not None]
+        norms[name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    total = sum(norms.values())
+    out = {f"grad_norm_{k}": v for k, v in norms.items()}
+    out.update({f"grad_share_{k}": (v / total if total > 0 else 0.0) for k, v in norms.items()})
+    return out

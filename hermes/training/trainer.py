@@ -226,8 +226,10 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
             batch = to_device(next(batches), ctx.device, amp.channels_last)
             generator = medcontext_generator(config.seed, ctx.rank, step) if medcontext is not None else None
             lr = optimizer.param_groups[0]["lr"]
+            every = config.medcontext.term_gradients_every
             terms = train_step(net, batch, loss_fn, optimizer, amp, scaler, config.optim.grad_clip,
-                               medcontext, generator, step)
+                               medcontext, generator, step,
+                               term_gradients=medcontext is not None and every is not None and step % every == 0)
             ema.update(model, step)
             if medcontext is not None:
                 medcontext.update_teacher(model, step)
@@ -239,7 +241,9 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
             bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
             if step % config.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - tick
-                row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                # keys measured on some steps only (grad_share_*) are averaged where present
+                keys = dict.fromkeys(k for w in window for k in w)
+                row = {k: float(np.mean([w[k] for w in window if k in w])) for k in keys}
                 row["steps_per_s"] = len(window) / max(elapsed, 1e-9)
                 logger.log_train(step, row)
                 window, tick = [], time.perf_counter()
