@@ -36,11 +36,6 @@ class PatchConstraints:
         return found
 
 
-def _stride_product(model: ModelConfig) -> tuple[int, int, int]:
-    strides = model.downsample or DEFAULT_DOWNSAMPLE
-    return tuple(math.prod(s[axis] for s in strides) for axis in range(3))  # type: ignore[return-value]
-
-
 def patch_constraints(model: ModelConfig) -> PatchConstraints:
     arch = model.architecture
     if arch == "swinunetr":
@@ -49,6 +44,7 @@ def patch_constraints(model: ModelConfig) -> PatchConstraints:
     if arch == "dynunet":
         return PatchConstraints((1, 1, 1), deep_supervision=False, why="derives its strides from the patch itself")
     strides = model.downsample or DEFAULT_DOWNSAMPLE
+    multiple = tuple(math.prod(s[axis] for s in strides) for axis in range(3))
     if arch.startswith("hermes_"):
-        return PatchConstraints(_stride_product(model), min_bottleneck=2, why=f"strides {strides}; priors fuse at the bottleneck")
-    return PatchConstraints(_stride_product(model), why=f"strides {strides}")
+        return PatchConstraints(multiple, min_bottleneck=2, why=f"strides {strides}; priors fuse at the bottleneck")  # type: ignore[arg-type]
+    return PatchConstraints(multiple, why=f"strides {strides}")  # type: ignore[arg-type]
