@@ -95,7 +95,13 @@ class ModelConfig(Strict):
     modality_priors: bool = True  # ablation: False drops the modality pool and head
     modality_tokens: int = 10  # tokens per modality (paper: 10)
     multiscale_prototypes: bool = True  # ablation: False uses only the last stage's posteriors
-    prototype_dim: int | None = None  # None: the final decoder width
+    prototype_dim: int | None = None  # None: the final decoder width ("linear"), 32 ("mlp")
+    # What the prototypes are dotted with at every voxel. "linear": the final decoder features
+    # (linearly projected when prototype_dim differs: no more rank than the decoder width, 8 for
+    # the tiny preset); "mlp": a per-voxel two-layer MLP of them (1x1 conv, norm, LeakyReLU,
+    # 1x1 conv) to prototype_dim, so that many tasks with conflicting protocols (a kidney that
+    # includes its tumour in one dataset and excludes it in another) get separable directions.
+    feature_head: Literal["linear", "mlp"] = "linear"
     attention_head_dim: int = 32  # paper: dim_head 32, heads = width / 32
     # "dot": the paper's bare prototype . feature logit; "affine": plus a learned scale and bias
     # per task (hermes/models/heads.py TaskLogitCalibration).

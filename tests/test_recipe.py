@@ -210,6 +210,24 @@ def test_affine_is_the_default_and_dot_has_no_calibration() -> None:
     assert torch.equal(out[0, 0], plain[0, 0])
 
 
+@pytest.mark.parametrize("feature_head", ["linear", "mlp"])
+def test_mlp_feature_head_gives_tasks_more_directions_than_the_decoder_width(feature_head) -> None:
+    """With the bare decoder features every task's logit map is a linear function of the same
+    8 channels (tiny preset), so 12 tasks' logits span at most 8 dimensions; the MLP head's
+    32-D non-linear features do not have that ceiling."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(feature_head=feature_head, prototype_logit="dot"), num_tasks=12, num_modalities=1)
+    width = ModelConfig().widths or [8]
+    image = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        logits = model.eval()(image, torch.arange(12)[None], torch.tensor([0])).logits
+    rank = int(torch.linalg.matrix_rank(logits[0].flatten(1).double(), rtol=1e-6))
+    if feature_head == "linear":
+        assert rank <= width[0] == 8
+    else:
+        assert rank == 12
+
+
 def test_model_saved_before_calibration_existed_still_loads(tmp_path) -> None:
     import json
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hermes.models.fusion import Mlp
+from hermes.models.layers import NormName, make_norm
 
 
 class PrototypeHead(nn.Module):
@@ -47,6 +48,31 @@ class PrototypeHead(nn.Module):
             flat = flat.to(prototypes.dtype)
         logits = torch.bmm(prototypes, flat)  # (B, T, N)
         return logits.float().unflatten(2, features.shape[2:])
+
+
+class FeatureMlp(nn.Module):
+    """Per-voxel MLP from the final decoder features to the prototype space
+    (``model.feature_head: mlp``): 1x1 conv, norm, LeakyReLU, 1x1 conv.
+
+    A task's logit is linear in the features it is dotted with. With the bare decoder output
+    (8 channels in the tiny preset) every task of the catalog must be a direction in that 8-D
+    space, shared with all the others, so tasks whose protocols contradict each other on the
+    same voxels (a kidney tumour inside "kidney" for one dataset, outside it for another)
+    compete for the same few directions. The MLP gives the prototypes a wider, non-linear
+    feature space at full resolution for a few percent of a step's FLOPs.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm: NormName) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv3d(in_channels, out_channels, 1, bias=False),
+            make_norm(norm, out_channels),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Conv3d(out_channels, out_channels, 1, bias=False),
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layers(features)
 
 
 class TaskLogitCalibration(nn.Module):

@@ -28,7 +28,7 @@ from hermes.fileio import atomic_write_bytes, atomic_write_json
 from hermes.models.architectures import patch_constraints
 from hermes.models.backbone import DEEP_SUPERVISION_LEVELS, ordered_stages, stage_widths
 from hermes.models.baselines import BackboneWithHead, MonaiAdapter, TraditionalModel, dynunet_kernels_strides
-from hermes.models.heads import ModalityHead, PrototypeHead, TaskLogitCalibration
+from hermes.models.heads import FeatureMlp, ModalityHead, PrototypeHead, TaskLogitCalibration
 from hermes.models.hermes import HermesModel
 from hermes.models.medformer import MedFormer
 from hermes.models.priors import ContextPriors
@@ -36,6 +36,8 @@ from hermes.models.resunet import ResUNet
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "spec.json"
+# prototype width of model.feature_head "mlp" when model.prototype_dim is not set
+MLP_FEATURE_DIM = 32
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,13 @@ def _build_hermes(config: ModelConfig, num_tasks: int, num_modalities: int) -> H
     )
     prototype_stages = stages if config.multiscale_prototypes else stages[-1:]
     prototype_in = sum(stage_width[s] for s in prototype_stages)
-    prototype_dim = config.prototype_dim or widths[0]
-    projection = None if prototype_dim == widths[0] else nn.Conv3d(widths[0], prototype_dim, 1, bias=False)
+    projection: nn.Module | None
+    if config.feature_head == "mlp":
+        prototype_dim = config.prototype_dim or MLP_FEATURE_DIM
+        projection = FeatureMlp(widths[0], prototype_dim, config.norm)
+    else:
+        prototype_dim = config.prototype_dim or widths[0]
+        projection = None if prototype_dim == widths[0] else nn.Conv3d(widths[0], prototype_dim, 1, bias=False)
     deep = {}
     if config.deep_supervision:
         deep = {
