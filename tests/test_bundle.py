@@ -126,7 +126,7 @@ def test_save_round_trip_and_the_network_entry_is_the_models(tmp_path: Path) -> 
     model = build_model(ModelConfig(preset="tiny"), 3, 2, patch_size=PATCH)
     bundle = ModelBundle(task_names=["a", "b", "c"], network=model.build_spec)
     save_model(tmp_path / "m", model, bundle, catalog_yaml="datasets: []\n")
-    loaded, again = load_model(tmp_path / "m")
+    _, again = load_model(tmp_path / "m")
     assert again.to_dict() == bundle.to_dict() and (tmp_path / "m" / "catalog.yaml").read_text() == "datasets: []\n"
     other = build_model(ModelConfig(preset="tiny"), 4, 2, patch_size=PATCH)
     with pytest.raises(ModelError, match="not this model's"):
