@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import yaml
 
+from hermes.bundle import is_model_folder
 from hermes.fileio import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def pretrain(work: Path, paths: dict[str, Path], args: argparse.Namespace, name:
 
     out = work / f"pretrain_{name}"
     model_dir = out / "model"
-    if (model_dir / "spec.json").exists():
+    if is_model_folder(model_dir):
         return model_dir
     if out.exists():
         shutil.rmtree(out)
@@ -113,21 +114,19 @@ def pretrain(work: Path, paths: dict[str, Path], args: argparse.Namespace, name:
 
 def scratch_base(work: Path, universal: Path, seed: int) -> Path:
     """The universal model's directory with freshly initialised weights (arm (a))."""
-    from hermes.config import ModelConfig
-    from hermes.models.registry import build_model, read_spec, save_model
+    from hermes.bundle import ModelBundle, TrainingRecord, catalog_path
+    from hermes.models.registry import build_saved_network, save_model
 
     out = work / "scratch_base"
-    if (out / "spec.json").exists():
+    if is_model_folder(out):
         return out
-    spec = read_spec(universal)
-    entry = spec.pop("model")
+    bundle = ModelBundle.load(universal)
     torch.manual_seed(seed)
-    model = build_model(ModelConfig.model_validate(entry["config"]), entry["num_tasks"], entry["num_modalities"],
-                        entry["task_ids_of_model"], entry["patch_size"])
+    model = build_saved_network(bundle)
     out.mkdir(parents=True, exist_ok=True)
-    spec["training"] = {"steps": 0, "note": "random initialisation (scratch arm of bench/adaptation.py)"}
-    save_model(out, model, spec)
-    shutil.copy(universal / "catalog.yaml", out / "catalog.yaml")
+    note = "random initialisation (scratch arm of bench/adaptation.py)"
+    bundle = bundle.model_copy(update={"training": TrainingRecord(steps=0, note=note)})
+    save_model(out, model, bundle, catalog_yaml=catalog_path(universal).read_text())
     return out
 
 

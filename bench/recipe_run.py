@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from hermes.bundle import ModelBundle, TrainingRecord
 from hermes.config import EvaluationConfig, TrainConfig, deep_merge, load_preset, validate
 from hermes.evaluation.evaluate import evaluate_model
 from hermes.fileio import atomic_write_json
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         result.model_dir, args.catalog, split="test", datasets=[args.dataset] if args.dataset else None,
         device="cpu", progress=False, config=EvaluationConfig(bootstrap_samples=0, workers=1),
     )
-    spec = json.loads((result.model_dir / "spec.json").read_text())
+    training = ModelBundle.load(result.model_dir).training or TrainingRecord()
     datasets = {
         name: {"dice": entry["mean"]["dice"]["mean"], "n": entry["n_cases"],
                "tasks": {task: stats["dice"]["mean"] for task, stats in entry["tasks"].items()}}
@@ -67,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     atomic_write_json(result_path, {
         "steps": args.steps, "seed": args.seed, "preset": args.preset, "set": args.set, "train_s": train_s,
-        "final_weights": spec["training"].get("final_weights"),
-        "validation": spec["training"].get("validation_dice_by_weights"),
+        "final_weights": training.final_weights,
+        "validation": training.validation_dice_by_weights,
         "datasets": datasets,
         "rows": [{k: row.get(k) for k in ("dataset", "case", "task", "dice")} for row in evaluation.rows],
     })
     mean = sum(d["dice"] for d in datasets.values()) / len(datasets)
-    print(f"{args.out}: train {train_s:.0f} s, weights {spec['training'].get('final_weights')}, "
+    print(f"{args.out}: train {train_s:.0f} s, weights {training.final_weights}, "
           + ", ".join(f"{n} {d['dice']:.3f}" for n, d in datasets.items()) + f", mean {mean:.4f}")
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from hermes.bundle import ModelBundle, Preprocessing, TrainingRecord, catalog_path
 from hermes.config import ModelConfig
 from hermes.data.catalog import Catalog, DatasetEntry, TaskSpec
 from hermes.data.modalities import ModalityVocabulary
@@ -69,25 +70,24 @@ def make_model_dir(
     for entry in catalog.datasets:
         norm = ChannelNorm("ct", ct_mean=40.0, ct_std=300.0) if entry.family == "ct" else ChannelNorm(entry.family)
         plans[entry.name] = PreprocessPlan(entry.name, entry.modality, tuple(spacing), (norm,)).to_dict()  # type: ignore[arg-type]
-    if layout == "trainer":  # what hermes.training.plan.model_spec writes
+    if layout == "trainer":  # what hermes.training.plan.model_bundle writes
         by_modality: dict[str, dict] = {}
         for entry in catalog.datasets:
             by_modality.setdefault(entry.modality, plans[entry.name])
         datasets_info = [{k: v for k, v in e.to_dict().items() if k != "path"} for e in catalog.datasets]
-        spec: dict[str, object] = {
-            "format": "hermes-model",
-            "task_names": catalog.task_names,
-            "modalities": catalog.modalities,
-            "datasets": datasets_info,
-            "preprocessing": {"datasets": plans, "modalities": by_modality},
-            "patch_size": list(patch_size),
-            "training": {"steps": 0, "note": "random weights for tests"},
-        }
-    else:  # adaptation output: serialised catalog, flat plans
-        spec = {"catalog": catalog.to_dict(), "preprocessing": plans, "patch_size": list(patch_size)}
-    save_model(directory, model, spec)
+        bundle = ModelBundle(
+            task_names=catalog.task_names,
+            modalities=catalog.modalities,
+            datasets=datasets_info,
+            preprocessing=Preprocessing(datasets=plans, modalities=by_modality),
+            training=TrainingRecord(steps=0, note="random weights for tests"),
+            network=model.build_spec,
+        )
+    else:  # adaptation output: serialised catalog, no catalog summary
+        bundle = ModelBundle(catalog=catalog.to_dict(), preprocessing=Preprocessing(datasets=plans), network=model.build_spec)
+    save_model(directory, model, bundle)
     if all(folder is not None for *_, folder in datasets):
         catalog_yaml = {"datasets": [{"path": str(folder), "name": name, "modality": modality}
                                      for name, modality, _, folder in datasets]}
-        (directory / "catalog.yaml").write_text(yaml.safe_dump(catalog_yaml))
+        catalog_path(directory).write_text(yaml.safe_dump(catalog_yaml))
     return directory

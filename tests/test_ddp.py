@@ -140,8 +140,8 @@ def test_train_under_two_ranks_writes_once(small_cache, tmp_path: Path) -> None:
         "data": {"patch_size": [32, 32, 32], "batch_size": 1, "num_workers": 0, "val_fraction": 0.0},
     })
     mp.spawn(_train_worker, args=(2, _free_port(), config.model_dump_json()), nprocs=2, join=True)
-    _, spec = load_model(tmp_path / "run" / "model")
-    assert spec["training"]["steps"] == 2
+    _, bundle = load_model(tmp_path / "run" / "model")
+    assert bundle.training.steps == 2
     rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
     assert len(rows) == 3  # header + 2 steps, written by rank 0 only
     assert "consistency" in rows[0]

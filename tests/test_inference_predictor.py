@@ -200,8 +200,8 @@ def test_realmini_case_and_dicom_series_geometry(realmini_root: Path, tmp_path: 
 
 
 def test_adaptation_layout_and_traditional_baseline(tmp_path: Path) -> None:
-    """spec.json with a serialised catalog and flat plans (adaptation output) loads the same
-    way; a per-dataset baseline predicts its own tasks and needs no modality."""
+    """A bundle with a serialised catalog and no catalog summary (adaptation output) loads the
+    same way; a per-dataset baseline predicts its own tasks and needs no modality."""
     adapted = make_model_dir(tmp_path / "adapted", layout="adaptation")
     predictor = Predictor(adapted, device="cpu", config=FAST)
     assert predictor.task_names == ["CTSet/liver", "CTSet/kidney", "MRSet/hippo"]

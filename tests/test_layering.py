@@ -1,5 +1,6 @@
 """The package's import directions (docs/architecture.md). Parsed with ast, so a violation is
-found without importing anything, and each rule names the file that broke it."""
+found without importing anything, and each rule names the file that broke it. Also: only
+hermes/bundle.py names the files of a saved-model folder."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ STAGES = ("training", "inference", "evaluation", "adaptation", "cli")
 # install_check runs before the dependencies are installed (`make` bootstraps with it), so it
 # stands alone with its own argparse and imports nothing else of hermes.
 STANDALONE = {"hermes.install_check"}
+# The saved-model folder has one reader and writer (hermes/bundle.py, ModelBundle): no other
+# module names its spec or weights file, so none can read or write them behind its back.
+BUNDLE = "hermes.bundle"
+MODEL_FOLDER_FILES = ("spec.json", "weights.safetensors")
 
 
 def module_name(path: Path) -> str:
@@ -44,7 +49,7 @@ def violations(module: str, imports: set[str]) -> list[str]:
     def imports_layer(name: str) -> bool:
         return any(i == f"hermes.{name}" or i.startswith(f"hermes.{name}.") for i in imports)
 
-    if layer in ("runtime", "config", "errors", "fileio"):  # the base: no stage at all
+    if layer in ("runtime", "config", "errors", "fileio", "bundle"):  # the base: no stage at all
         found += [f"{module} imports hermes.{s}" for s in ("synthetic", "data", "models", *STAGES) if imports_layer(s)]
     if layer in ("models", "data", "synthetic"):
         found += [f"{module} imports hermes.{s}" for s in STAGES if imports_layer(s)]
@@ -59,6 +64,14 @@ def violations(module: str, imports: set[str]) -> list[str]:
     return found
 
 
+def model_folder_violations(module: str, source: str) -> list[str]:
+    """Any module but the bundle that names a file of the model folder (code, string or comment)."""
+    if module == BUNDLE:
+        return []
+    return [f"{module} names {name} (only {BUNDLE} reads and writes a model folder)" for name in MODEL_FOLDER_FILES
+            if name in source]
+
+
 def test_the_package_keeps_its_import_directions() -> None:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -67,12 +80,35 @@ def test_the_package_keeps_its_import_directions() -> None:
     assert not found, "\n".join(found)
 
 
+def test_only_the_bundle_reads_and_writes_model_folders() -> None:
+    assert (PACKAGE / "bundle.py").is_file()
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        found += model_folder_violations(module_name(path), path.read_text())
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        'spec = json.loads((model_dir / "spec.json").read_text())',
+        'atomic_write_json(directory / "spec.json", spec)',
+        'load_file(str(Path(model_dir) / "weights.safetensors"))',
+    ],
+)
+def test_a_model_folder_read_outside_the_bundle_is_caught(source: str) -> None:
+    found = model_folder_violations("hermes.inference.predictor", source)
+    assert found and "only hermes.bundle reads and writes" in found[0]
+    assert not model_folder_violations(BUNDLE, source)
+
+
 @pytest.mark.parametrize(
     ("module", "source", "message"),
     [
         ("hermes.models.heads", "from hermes.training.loss import HermesLoss", "imports hermes.training"),
         ("hermes.data.loader", "import hermes.inference.predictor", "imports hermes.inference"),
         ("hermes.config", "from hermes.data.catalog import Catalog", "imports hermes.data"),
+        ("hermes.bundle", "from hermes.models.registry import build_model", "imports hermes.models"),
         ("hermes.inference.predictor", "from hermes.training import trainer", "without the trainer"),
         ("hermes.inference.predictor", "from ..training.trainer import train", "without the trainer"),
         ("hermes.evaluation.evaluate", "import argparse", "argparse"),
@@ -88,3 +124,5 @@ def test_a_wrong_import_is_caught(module: str, source: str, message: str) -> Non
 def test_allowed_imports_pass() -> None:
     assert not violations("hermes.cli.train", imported_modules("import argparse\nfrom hermes.training import trainer", "hermes.cli.train"))
     assert not violations("hermes.inference.predictor", imported_modules("from hermes.runtime import choose_device", "hermes.inference.predictor"))
+    for module in ("hermes.models.registry", "hermes.data.cache", "hermes.inference.predictor", "hermes.training.plan"):
+        assert not violations(module, imported_modules("from hermes.bundle import ModelBundle", module))

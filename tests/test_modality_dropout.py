@@ -136,5 +136,5 @@ def test_training_with_every_prompt_dropped_still_learns_the_modality(small_cach
     with (tmp_path / "run" / "train_log.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and all(float(row["modality"]) > 0 for row in rows)
-    _, spec = load_model(result.model_dir)
-    assert trained_for_recognition(spec) is True
+    _, bundle = load_model(result.model_dir)
+    assert trained_for_recognition(bundle.training) is True

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from hermes.bundle import ModelBundle
 from hermes.config import ModelConfig, validate
 from hermes.errors import ConfigError, ModelError
 from hermes.models.baselines import dynunet_kernels_strides
@@ -247,25 +248,25 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, arch: str) -> None:
     ids, mod = torch.tensor([[2, 3]]), torch.tensor([1])
     with torch.no_grad():
         before = model(image(batch=1), ids, mod).logits
-    save_model(tmp_path / "model", model, {"task_names": [f"t{i}" for i in range(T)]})
-    loaded, spec = load_model(tmp_path / "model")
+    save_model(tmp_path / "model", model, ModelBundle(task_names=[f"t{i}" for i in range(T)], network=model.build_spec))
+    loaded, bundle = load_model(tmp_path / "model")
     with torch.no_grad():
         after = loaded(image(batch=1), ids, mod).logits
     assert torch.equal(before, after)
-    assert spec["task_names"][0] == "t0" and spec["model"]["num_tasks"] == T
+    assert bundle.task_names[0] == "t0" and bundle.network.num_tasks == T
 
 
 def test_load_model_errors_name_the_problem(tmp_path) -> None:
     with pytest.raises(ModelError, match=r"spec\.json: not found"):
         load_model(tmp_path / "nothing")
     directory = tmp_path / "model"
-    save_model(directory, make(), {})
+    save_model(directory, make())
     (directory / "weights.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match="corrupt"):
         load_model(directory)
-    save_model(directory, make(), {})
+    save_model(directory, make())
     spec = json.loads((directory / "spec.json").read_text())
-    spec["model"]["num_tasks"] = T + 3
+    spec["network"]["num_tasks"] = T + 3
     (directory / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(ModelError, match=r"does not match spec\.json"):
         load_model(directory)
@@ -277,15 +278,3 @@ def test_load_model_errors_name_the_problem(tmp_path) -> None:
 def test_swinunetr_rejects_patches_it_cannot_train_on() -> None:
     with pytest.raises(ConfigError, match="at least 64"):
         build_model(ModelConfig(architecture="swinunetr", preset="tiny"), T, M, task_ids_of_model=[1], patch_size=[32, 64, 64])
-
-
-def test_saved_patch_size_prefers_the_network_entry() -> None:
-    """An adapted model inherits the base run's top-level patch_size; the window must be the one
-    its network was built and trained with (spec["model"]), wherever it is read."""
-    from hermes.models.registry import saved_patch_size
-
-    spec = {"patch_size": [32, 32, 32], "model": {"patch_size": [48, 48, 48]}}
-    assert saved_patch_size(spec) == [48, 48, 48]
-    assert saved_patch_size({"patch_size": [32, 32, 32], "model": {"patch_size": None}}) == [32, 32, 32]
-    with pytest.raises(ModelError, match="no patch_size"):
-        saved_patch_size({"model": {"patch_size": None}}, "m/spec.json")

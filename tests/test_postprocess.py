@@ -18,6 +18,7 @@ import pytest
 import torch
 from inference_helpers import make_model_dir
 
+from hermes.bundle import ModelBundle
 from hermes.cli import main
 from hermes.config import InferenceConfig
 from hermes.data.imageio import load_image, save_image
@@ -33,7 +34,6 @@ from hermes.inference.postprocess import (
     load_postprocessing,
     save_postprocessing,
 )
-from hermes.models.registry import read_spec
 
 FAST = InferenceConfig(overlap=0.25, window_batch_size=4)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -83,7 +83,7 @@ def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     spec = json.loads((directory / "spec.json").read_text())
     spec["training"]["validation_cases"] = {"PPSet": ["case_b"]}
     (directory / "spec.json").write_text(json.dumps(spec))
-    monkeypatch.setattr(predictor_module, "load_model", lambda d, device=None: (IntensityFake(), read_spec(d)))
+    monkeypatch.setattr(predictor_module, "load_model", lambda d, device=None: (IntensityFake(), ModelBundle.load(d)))
     return directory
 
 

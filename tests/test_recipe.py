@@ -232,10 +232,10 @@ def test_model_saved_before_calibration_existed_still_loads(tmp_path) -> None:
     import json
 
     model = build_model(ModelConfig(prototype_logit="dot"), num_tasks=3, num_modalities=2, patch_size=[32] * 3)
-    save_model(tmp_path / "m", model, {"format": "hermes-model"})
+    save_model(tmp_path / "m", model)
     spec_path = tmp_path / "m" / "spec.json"
     spec = json.loads(spec_path.read_text())
-    del spec["model"]["config"]["prototype_logit"]  # as written by the code before the option
+    del spec["network"]["config"]["prototype_logit"]  # as written by the code before the option
     spec_path.write_text(json.dumps(spec))
     loaded, _ = load_model(tmp_path / "m")
     assert loaded.logit_calibration is None
@@ -280,11 +280,11 @@ def test_universal_resunet_has_one_output_per_task_of_the_training_datasets(smal
         "optim": {"warmup_steps": 1},
     })
     result = train(config, progress=False)
-    model, spec = load_model(result.model_dir)
+    model, bundle = load_model(result.model_dir)
     catalog = load_catalog(catalog_path)
     all_tasks = sorted(t for e in catalog.datasets if not e.test_only for t in e.task_ids)
-    assert spec["paradigm"] == "universal"
-    assert spec["model"]["task_ids_of_model"] == all_tasks
+    assert bundle.paradigm == "universal"
+    assert bundle.network.task_ids_of_model == all_tasks
     entry_a, entry_b = catalog.datasets[0], catalog.datasets[1]
     with torch.no_grad():
         for entry in (entry_a, entry_b):

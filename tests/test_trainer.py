@@ -60,31 +60,32 @@ def test_short_run_writes_a_loadable_model_dir_and_logs(small_cache, tmp_path) -
     for name in ("config.yaml", "train_log.csv", "val_log.csv", "progress.png", "checkpoints/last.pt"):
         assert (out / name).is_file(), name
     assert len(_losses(out)) == 3
-    model, spec = load_model(result.model_dir)
+    model, bundle = load_model(result.model_dir)
     assert (result.model_dir / "catalog.yaml").is_file()
-    assert spec["patch_size"] == [32, 32, 32]
-    assert len(spec["task_names"]) == spec["model"]["num_tasks"]
-    assert set(spec["preprocessing"]["datasets"]) == {d["name"] for d in spec["datasets"]}
-    assert spec["preprocessing"]["modalities"]["CT"]["modality"] == "CT"
+    assert bundle.patch_size == [32, 32, 32]
+    assert len(bundle.task_names) == bundle.network.num_tasks
+    assert set(bundle.preprocessing.datasets) == {d["name"] for d in bundle.datasets}
+    assert bundle.preprocessing.modalities["CT"]["modality"] == "CT"
     ckpt = load_checkpoint(checkpoint_path(out))
     # final_weights "best": both candidates were validated and the saved weights are the winner's
-    chosen = spec["training"]["final_weights"]
-    scores = spec["training"]["validation_dice_by_weights"]
+    chosen = bundle.training.final_weights
+    scores = bundle.training.validation_dice_by_weights
     assert set(scores) == {"ema", "raw"}
     means = {name: sum(d.values()) / len(d) for name, d in scores.items()}
     assert chosen == ("raw" if means["raw"] > means["ema"] else "ema")
     saved = ckpt["ema"] if chosen == "ema" else ckpt["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-    assert set(result.val_dice) == set(spec["training"]["validation_dice"])
+    assert set(result.val_dice) == set(bundle.training.validation_dice)
     # the held-out cases are recorded (hermes evaluate --split val), and the fallback for older
     # models (the seeded split redone from the recorded config) finds the same cases
+    from hermes.bundle import TrainingRecord
     from hermes.data.cache import open_cache
     from hermes.evaluation.evaluate import validation_case_ids
 
-    recorded = spec["training"]["validation_cases"]
+    recorded = bundle.training.validation_cases
     all_train = open_cache(cfg.cache).train_cases()
     assert recorded and any(recorded.values())
-    older = {"training": {"config": spec["training"]["config"]}}
+    older = TrainingRecord(config=bundle.training.config)
     for name, ids in recorded.items():
         assert set(ids) < set(all_train[name])
         assert validation_case_ids(older, name, all_train[name]) == ids
@@ -97,9 +98,9 @@ def test_final_weights_option_saves_the_named_weights(small_cache, tmp_path, fin
     out = tmp_path / final_weights
     cfg = _config(small_cache, out, steps=2, data=NO_VALIDATION, final_weights=final_weights)
     result = train(cfg, progress=False)
-    model, spec = load_model(result.model_dir)
+    model, bundle = load_model(result.model_dir)
     ckpt = load_checkpoint(checkpoint_path(out))
-    assert spec["training"]["final_weights"] == final_weights
+    assert bundle.training.final_weights == final_weights
     saved = ckpt["ema"] if final_weights == "ema" else ckpt["model"]
     other = ckpt["model"] if final_weights == "ema" else ckpt["ema"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())

@@ -16,6 +16,7 @@ import pytest
 import torch
 from inference_helpers import make_model_dir
 
+from hermes.bundle import AdaptationRecord, TrainingRecord
 from hermes.config import InferenceConfig
 from hermes.data.catalog import load_catalog
 from hermes.data.imageio import Image
@@ -138,12 +139,12 @@ def test_trained_mirror_axes_of_every_training_stage() -> None:
     def augment(axes: list[int], enabled: bool = True) -> dict:
         return {"data": {"augment": {"enabled": enabled, "mirror_axes": axes}}}
 
-    assert trained_mirror_axes({}) == ()
-    assert trained_mirror_axes({"training": {"config": augment([0, 1, 2])}}) == (0, 1, 2)
-    assert trained_mirror_axes({"training": {"config": augment([0, 1], enabled=False)}}) == ()
-    base = {"training": {"config": augment([1, 2])}}
-    assert trained_mirror_axes({**base, "adaptation": [{"config": {"data": None}}]}) == (1, 2)
-    assert trained_mirror_axes({**base, "adaptation": [{"config": augment([2])}]}) == (2,)
+    assert trained_mirror_axes(None) == ()
+    assert trained_mirror_axes(TrainingRecord(config=augment([0, 1, 2]))) == (0, 1, 2)
+    assert trained_mirror_axes(TrainingRecord(config=augment([0, 1], enabled=False))) == ()
+    base = TrainingRecord(config=augment([1, 2]))
+    assert trained_mirror_axes(base, [AdaptationRecord(config={"data": None})]) == (1, 2)
+    assert trained_mirror_axes(base, [AdaptationRecord(config=augment([2]))]) == (2,)
 
 
 def test_catalog_mirror_pairs(small_cohort: Path, tmp_path: Path) -> None:

@@ -5,7 +5,7 @@
 3. optionally freeze the backbone;
 4. train on the new datasets' cache (plus, for extend, rehearsal samples and a distillation
    term supplied by the caller) with the project's loss, optimiser, schedule and EMA;
-5. save a normal model directory: the EMA weights, a spec whose catalog is the merged one and
+5. save a normal model directory: the EMA weights, a bundle whose catalog is the merged one and
    whose preprocessing plans are the base model's plus the new datasets', and ``catalog.yaml``.
 
 The loop is deliberately the trainer's recipe in miniature (same loss, LAMB/AdamW factory,
@@ -16,7 +16,6 @@ and no validation/checkpointing machinery for a few hundred steps.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import logging
 import math
@@ -39,10 +38,10 @@ from hermes.adaptation.warm_start import (
     plan_warm_start,
     warm_start_state,
 )
-from hermes.config import AdaptationConfig, DataConfig, ModelConfig
+from hermes.bundle import SPEC_FILE, AdaptationRecord, ModelBundle, Preprocessing, catalog_path
+from hermes.config import AdaptationConfig, DataConfig
 from hermes.data.catalog import Catalog, load_catalog
 from hermes.errors import ConfigError, DataError, ModelError
-from hermes.models.registry import saved_patch_size
 from hermes.runtime import resolve_amp, to_device
 from hermes.training.step import ExtraLoss, train_step
 
@@ -57,39 +56,41 @@ log = logging.getLogger(__name__)
 class BaseModel:
     directory: Path
     model: nn.Module
-    spec: dict[str, Any]
+    bundle: ModelBundle
     catalog: Catalog
 
     @property
     def is_universal(self) -> bool:
-        return self.spec["model"].get("task_ids_of_model") is None
+        return self.bundle.is_universal
 
 
-def model_catalog(directory: Path, spec: dict[str, Any]) -> Catalog:
+def model_catalog(directory: Path, bundle: ModelBundle) -> Catalog:
     """The catalog a saved model was trained with, with its dataset folders when possible.
 
-    spec.json's serialised catalog (adaptation output) first; else MODEL/catalog.yaml (``hermes
+    The bundle's serialised catalog (adaptation output) first; else MODEL/catalog.yaml (``hermes
     train`` output; resolving it needs the dataset folders, which evaluating the old tasks
-    needs anyway); else, when those folders are gone, the summary in spec.json (the old
+    needs anyway); else, when those folders are gone, the bundle's catalog summary (the old
     datasets can then be neither evaluated nor rehearsed from raw data).
     """
     from hermes.errors import HermesError
-    from hermes.inference.predictor import model_catalog as spec_catalog
+    from hermes.inference.predictor import model_catalog as bundle_catalog
 
-    if isinstance(spec.get("catalog"), dict):
-        return Catalog.from_dict(spec["catalog"])
-    path = directory / "catalog.yaml"
+    if bundle.catalog is not None:
+        return Catalog.from_dict(bundle.catalog)
+    path = catalog_path(directory)
     if path.is_file():
         try:
             catalog = load_catalog(path)
         except HermesError as error:
-            log.warning("%s: %s; using the catalog summary of spec.json (no dataset folders)", path, error)
+            log.warning("%s: %s; using the catalog summary of %s (no dataset folders)", path, error, SPEC_FILE)
         else:
-            names = spec.get("task_names")
+            names = bundle.task_names
             if names is not None and list(names) != catalog.task_names:
-                raise ModelError(f"{path}: its tasks differ from spec.json's task_names; the model directory is inconsistent")
+                raise ModelError(
+                    f"{path}: its tasks differ from {SPEC_FILE}'s task_names; the model directory is inconsistent"
+                )
             return catalog
-    return spec_catalog(directory, spec)
+    return bundle_catalog(directory, bundle)
 
 
 def load_base(directory: str | Path, device: torch.device | str = "cpu") -> BaseModel:
@@ -98,13 +99,13 @@ def load_base(directory: str | Path, device: torch.device | str = "cpu") -> Base
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelError(f"base model directory not found: {directory}")
-    model, spec = load_model(directory, device=device)
-    catalog = model_catalog(directory, spec)
-    if catalog.num_tasks != spec["model"]["num_tasks"]:
+    model, bundle = load_model(directory, device=device)
+    catalog = model_catalog(directory, bundle)
+    if catalog.num_tasks != bundle.network.num_tasks:
         raise ModelError(
-            f"{directory}: its catalog has {catalog.num_tasks} tasks but the model {spec['model']['num_tasks']}"
+            f"{directory}: its catalog has {catalog.num_tasks} tasks but the model {bundle.network.num_tasks}"
         )
-    return BaseModel(directory, model, spec, catalog)
+    return BaseModel(directory, model, bundle, catalog)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def subset_catalog(catalog: Catalog, names: list[str]) -> Catalog:
 
 def prepare(config: AdaptationConfig, device: torch.device | str = "cpu", base: BaseModel | None = None) -> AdaptationSetup:
     """Steps 1-3 of the module docstring."""
-    from hermes.models.registry import build_model, migrate_model_config
+    from hermes.models.registry import build_model
 
     base = base or load_base(config.base_model, device)
     new_catalog = load_catalog(config.catalog)
@@ -162,12 +163,11 @@ def prepare(config: AdaptationConfig, device: torch.device | str = "cpu", base: 
     if not train_names:
         raise ConfigError(f"{config.catalog}: no dataset to train on (all are test_only)")
 
-    spec_model = base.spec["model"]
-    model_config = ModelConfig.model_validate(migrate_model_config(spec_model["config"]))
+    network = base.bundle.network
     own: list[int] | None = None
     if not base.is_universal:
         own = sorted({t for entry in catalog.datasets if entry.name in train_names for t in entry.task_ids})
-    model = build_model(model_config, catalog.num_tasks, catalog.num_modalities, own, spec_model.get("patch_size"))
+    model = build_model(network.config, catalog.num_tasks, catalog.num_modalities, own, network.patch_size)
 
     plan = plan_warm_start(
         base.catalog.task_names, catalog.task_names, base.catalog.modalities, catalog.modalities, config.warm_start
@@ -176,7 +176,7 @@ def prepare(config: AdaptationConfig, device: torch.device | str = "cpu", base: 
     new_state = model.state_dict()
     state, reinit = warm_start_state(old_state, new_state, plan, reinit_mismatched=not base.is_universal)
     if not base.is_universal:
-        old_own = [base.catalog.task_names[t] for t in spec_model["task_ids_of_model"]]
+        old_own = [base.catalog.task_names[t] for t in network.task_ids_of_model or []]
         new_own = [catalog.task_names[t] for t in own or []]
         if old_own != new_own:
             # A per-dataset model's output channels are its own tasks: different tasks, new head.
@@ -204,7 +204,7 @@ def data_config_for(config: AdaptationConfig, base: BaseModel) -> DataConfig:
     if config.data is not None:
         return config.data
     try:
-        return DataConfig(patch_size=saved_patch_size(base.spec, base.directory))
+        return DataConfig(patch_size=base.bundle.patch_size)
     except ModelError:  # a model saved without a patch size: DataConfig's default
         return DataConfig()
 
@@ -350,87 +350,86 @@ def train(
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
-def merged_spec(
-    setup: AdaptationSetup, cache: Path, kind: str, config: AdaptationConfig, result: TrainResult
-) -> dict[str, Any]:
-    """The base spec with the merged catalog, the new datasets' plans and an adaptation record."""
+def merged_bundle(
+    setup: AdaptationSetup,
+    cache: Path,
+    kind: str,
+    config: AdaptationConfig,
+    result: TrainResult,
+    train_cases: dict[str, list[str]] | None = None,
+    rehearsal_buffer: dict[str, list[str]] | None = None,
+) -> ModelBundle:
+    """The base bundle with the new network, the merged catalog, the new datasets' plans and an
+    adaptation record."""
     from hermes.data.cache import open_cache
+    from hermes.models.registry import network_spec
 
-    spec = copy.deepcopy({k: v for k, v in setup.base.spec.items() if k != "model"})
+    base = setup.base.bundle
     catalog = setup.catalog
     # The merged catalog, serialised (readers prefer it to catalog.yaml: no dataset folder needed),
-    # and the trainer's summary keys, kept consistent with it when the base spec has them.
-    spec["catalog"] = catalog.to_dict()
-    updates: dict[str, Any] = {
+    # and the trainer's summary keys, kept consistent with it when the base bundle has them.
+    updates: dict[str, Any] = {"network": network_spec(result.model), "catalog": catalog.to_dict()}
+    summary: dict[str, Any] = {
         "task_names": catalog.task_names,
         "modalities": catalog.modalities,
         "unknown_modality_id": catalog.unknown_modality_id,
         "null_task_id": catalog.null_task_id,
     }
+    updates.update({key: value for key, value in summary.items() if getattr(base, key) is not None})
     trained = [entry.name for entry in setup.train_catalog.datasets]
-    if not setup.base.is_universal and "dataset" in spec and len(trained) == 1:
+    if not setup.base.is_universal and base.paradigm is not None and len(trained) == 1:
         updates["dataset"] = trained[0]  # a per-dataset model now serves the new dataset
-    for key, value in updates.items():
-        if key in spec:
-            spec[key] = value
-    if isinstance(spec.get("datasets"), list):
-        known = {item.get("name") for item in spec["datasets"] if isinstance(item, dict)}
+    if base.datasets is not None:
+        datasets = [dict(item) for item in base.datasets]
+        known = {item.get("name") for item in datasets}
         by_name = {entry.name: entry for entry in catalog.datasets}
-        for item in spec["datasets"]:  # old entries: modality ids may have moved (unknown)
-            if isinstance(item, dict) and item.get("name") in by_name:
+        for item in datasets:  # old entries: modality ids may have moved (unknown)
+            if item.get("name") in by_name:
                 item["modality_id"] = by_name[item["name"]].modality_id
         for entry in setup.train_catalog.datasets:
             if entry.name not in known:
                 item = entry.to_dict()
-                item.pop("path", None)  # machine-specific, as in `hermes train`'s spec
-                spec["datasets"].append(item)
+                item.pop("path", None)  # machine-specific, as in `hermes train`'s bundle
+                datasets.append(item)
+        updates["datasets"] = datasets
     index = open_cache(cache)
     new_plans = {
         name: index.plans[name].to_dict()
         for name in (entry.name for entry in setup.train_catalog.datasets)
         if name in index.plans
     }
-    plans = spec.get("preprocessing")
-    if isinstance(plans, dict) and isinstance(plans.get("datasets"), dict):
-        # {"datasets": {name: plan}, "modalities": {modality: plan}} (hermes train's layout)
-        plans["datasets"].update(new_plans)
-        by_modality = plans.setdefault("modalities", {})
-        for name, plan in new_plans.items():
-            by_modality.setdefault(catalog.dataset(name).modality, plan)
-    else:
-        plans = {**(plans or {}), **new_plans}  # flat {name: plan}
-    spec["preprocessing"] = plans
-    history = list(spec.get("adaptation") or [])
-    history.append(
-        {
-            "kind": kind,
-            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "base_model": str(setup.base.directory),
-            "catalog": str(config.catalog),
-            "cache": str(cache),
-            "trained_on": [entry.name for entry in setup.train_catalog.datasets],
-            "added_tasks": [catalog.task_names[i] for i in setup.merged.added_tasks],
-            "added_modalities": [catalog.modalities[i] for i in setup.merged.added_modalities],
-            "warm_start": describe_plan(setup.plan, catalog.task_names, catalog.modalities),
-            "freeze": config.freeze,
-            "steps": config.steps,
-            "seconds": round(result.seconds, 1),
-            "config": config.model_dump(mode="json"),
-            "final_loss": result.history[-1] if result.history else None,
-        }
+    plans = base.preprocessing or Preprocessing()
+    by_modality = dict(plans.modalities)
+    for name, plan in new_plans.items():
+        by_modality.setdefault(catalog.dataset(name).modality, plan)
+    updates["preprocessing"] = Preprocessing(datasets={**plans.datasets, **new_plans}, modalities=by_modality)
+    record = AdaptationRecord(
+        kind=kind,
+        date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        base_model=str(setup.base.directory),
+        catalog=str(config.catalog),
+        cache=str(cache),
+        trained_on=trained,
+        added_tasks=[catalog.task_names[i] for i in setup.merged.added_tasks],
+        added_modalities=[catalog.modalities[i] for i in setup.merged.added_modalities],
+        warm_start=describe_plan(setup.plan, catalog.task_names, catalog.modalities),
+        freeze=config.freeze,
+        steps=config.steps,
+        seconds=round(result.seconds, 1),
+        config=config.model_dump(mode="json"),
+        final_loss=result.history[-1] if result.history else None,
+        train_cases=train_cases,
+        rehearsal_buffer=rehearsal_buffer,
     )
-    spec["adaptation"] = history
-    return spec
+    updates["adaptation"] = [*base.adaptation, record]
+    return base.model_copy(update=updates, deep=True)
 
 
-def write_model_dir(directory: Path, model: nn.Module, spec: dict[str, Any], catalog: Catalog) -> Path:
-    """weights + spec + catalog.yaml + train_log into ``directory`` (which must exist)."""
-    from hermes.fileio import atomic_write_text
+def write_model_dir(directory: Path, model: nn.Module, bundle: ModelBundle, catalog: Catalog) -> Path:
+    """weights + bundle + catalog.yaml into ``directory`` (which must exist)."""
     from hermes.models.registry import save_model
 
-    save_model(directory, model, spec)
-    atomic_write_text(directory / "catalog.yaml", catalog.to_yaml())
-    return directory
+    return save_model(directory, model, bundle, catalog_yaml=catalog.to_yaml())
 
 
 def finite(value: float | None) -> bool:

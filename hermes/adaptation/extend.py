@@ -284,13 +284,14 @@ def run_extend(
             setup.model, batches, config, dev, frozen=setup.frozen, extra_batches=extra_batches,
             extra_loss=distiller, null_task_id=setup.catalog.null_task_id, progress=progress,
         )
-    spec = engine.merged_spec(setup, Path(config.cache), "extend", config, result)
-    spec["adaptation"][-1].update({"train_cases": cases, "rehearsal_buffer": buffer})
+    bundle = engine.merged_bundle(
+        setup, Path(config.cache), "extend", config, result, train_cases=cases, rehearsal_buffer=buffer
+    )
 
     # 3. write to a staging directory, score it, decide
     staging = destination.with_name(f".{destination.name}.extend-staging.{os.getpid()}")
     with atomic_directory(staging, overwrite=True) as tmp:
-        engine.write_model_dir(tmp, result.model, spec, setup.catalog)
+        engine.write_model_dir(tmp, result.model, bundle, setup.catalog)
         atomic_write_json(tmp / "adaptation_log.json", {"history": result.history})
     outcome_gate: GateResult | None = None
     report: dict[str, Any] = {"base_model": str(base.directory), "destination": str(destination)}

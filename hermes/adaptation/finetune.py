@@ -46,10 +46,9 @@ def run_finetune(
     batches = engine.make_loader(setup.train_catalog, config.cache, data, cases, config.seed)
     with read_lock(config.cache):  # never read a cache that `hermes prepare` is writing
         result = engine.train(setup.model, batches, config, dev, frozen=setup.frozen, progress=progress)
-    spec = engine.merged_spec(setup, Path(config.cache), "finetune", config, result)
-    spec["adaptation"][-1]["train_cases"] = cases
+    bundle = engine.merged_bundle(setup, Path(config.cache), "finetune", config, result, train_cases=cases)
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        engine.write_model_dir(tmp, result.model, spec, setup.catalog)
+        engine.write_model_dir(tmp, result.model, bundle, setup.catalog)
         atomic_write_json(tmp / "adaptation_log.json", {"history": result.history})
     log.info("fine-tuned model written to %s", output)
     return output

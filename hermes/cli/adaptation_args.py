@@ -103,11 +103,11 @@ def build_config(args: argparse.Namespace, model_type: type[ConfigT], extra: dic
         raise ConfigError(f"missing {', '.join(flags_of[k] for k in missing)} (or the key in --config)")
     if isinstance(data.get("data"), dict) and "patch_size" not in data["data"]:
         # A partial `data:` section keeps the base model's patch size, not DataConfig's default.
+        from hermes.bundle import ModelBundle
         from hermes.errors import ModelError
-        from hermes.models.registry import read_spec, saved_patch_size
 
         with contextlib.suppress(ModelError):  # saved without one: DataConfig's default
-            data["data"]["patch_size"] = saved_patch_size(read_spec(data["base_model"]), data["base_model"])
+            data["data"]["patch_size"] = ModelBundle.load(data["base_model"]).patch_size
     return validate(model_type, data, source)
 
 

@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         )
         title = f"Evaluation of {args.pred}"
     else:
-        from hermes.inference.postprocess import POSTPROCESSING_FILE, Chooser, save_postprocessing
+        from hermes.bundle import postprocessing_path
+        from hermes.inference.postprocess import Chooser, save_postprocessing
 
         split = args.split or ("val" if args.choose_postprocessing else "test")
         if args.choose_postprocessing and split != "val":
@@ -149,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
                 f"--choose-postprocessing decides on the validation cases (--split val); deciding on the {split} "
                 "split would tune the model on the data it is scored on"
             )
-        if args.choose_postprocessing and (args.model / POSTPROCESSING_FILE).exists() and not args.overwrite:
-            raise ConfigError(f"{args.model / POSTPROCESSING_FILE} exists; pass --overwrite to decide it again")
+        if args.choose_postprocessing and postprocessing_path(args.model).exists() and not args.overwrite:
+            raise ConfigError(f"{postprocessing_path(args.model)} exists; pass --overwrite to decide it again")
         chosen = {"output": args.output_type, "precision": args.precision, "overlap": args.overlap}
         # the decision compares raw masks with their largest component: no stored step applied
         postprocess = not (args.no_postprocess or args.choose_postprocessing)

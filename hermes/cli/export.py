@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", required=True, help="saved model directory (hermes train output)")
     parser.add_argument(
         "-o", "--out", dest="output_path", metavar="OUTPUT", required=True,
-        help="export folder (model.onnx, spec.json, hermes_onnx.json); MODEL/onnx lets "
+        help="export folder (model.onnx, the model's spec, hermes_onnx.json); MODEL/onnx lets "
         "`hermes predict --engine onnxruntime -m MODEL` find it",
     )
     parser.add_argument("--opset", type=POSITIVE_INT, default=None, help=f"ONNX opset, {POSITIVE_INT} (default: the exporter's)")

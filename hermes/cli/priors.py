@@ -35,15 +35,15 @@ def run(args: argparse.Namespace) -> int:
     from hermes.adaptation.engine import model_catalog
     from hermes.errors import ConfigError
     from hermes.evaluation.priors_analysis import posterior_prototypes, similarity_matrices, write_analysis
-    from hermes.models.registry import load_model, saved_patch_size
+    from hermes.models.registry import load_model
 
     if args.cases < 1:
         raise ConfigError("--cases must be at least 1")
-    model, spec = load_model(args.model, device=args.device)
-    catalog = model_catalog(Path(args.model), spec)
+    model, bundle = load_model(args.model, device=args.device)
+    catalog = model_catalog(Path(args.model), bundle)
     posterior = counts = None
     if args.cache is not None:
-        patch = saved_patch_size(spec, args.model)
+        patch = bundle.patch_size
         found = posterior_prototypes(model, catalog, args.cache, patch, args.cases, args.device)
         if found is None:
             print(f"note: no cached case of the model's datasets in {args.cache}; posterior prototypes skipped")

@@ -371,16 +371,16 @@ def prepare_data(options: BenchmarkOptions, work: Path) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------------------------
 def execute(run: Run, run_dir: Path, config: TrainConfig, options: BenchmarkOptions, catalog: Path) -> dict[str, Any]:
     """Train (or resume) and evaluate one run; returns its result (written by the caller)."""
+    from hermes.bundle import ModelBundle, TrainingRecord, is_model_folder
     from hermes.config import EvaluationConfig, InferenceConfig
     from hermes.evaluation.evaluate import evaluate_model
-    from hermes.models.registry import read_spec
     from hermes.training.checkpoint import checkpoint_path
     from hermes.training.trainer import train
 
     out = Path(config.output)
     model_dir = out / "model"
     timing_file = run_dir / "train_timing.json"
-    if not (model_dir / "spec.json").exists() or not timing_file.exists():
+    if not is_model_folder(model_dir) or not timing_file.exists():
         resume = checkpoint_path(out).exists()
         if out.exists() and not resume:
             shutil.rmtree(out)  # an attempt killed before its first checkpoint (this benchmark's folder)
@@ -396,8 +396,7 @@ def execute(run: Run, run_dir: Path, config: TrainConfig, options: BenchmarkOpti
         config=EvaluationConfig(bootstrap_samples=0, workers=1),
     )
     eval_wall = time.perf_counter() - start
-    spec = read_spec(model_dir)
-    training = spec.get("training", {})
+    training = ModelBundle.load(model_dir).training or TrainingRecord()
     datasets = {
         name: {
             "n_cases": entry["n_cases"],
@@ -414,9 +413,9 @@ def execute(run: Run, run_dir: Path, config: TrainConfig, options: BenchmarkOpti
         "seed": run.seed,
         "budget_rule": options.budget_rule,
         "planned_steps": run.steps,
-        "steps": int(training.get("steps", timing["steps"])),
-        "final_weights": training.get("final_weights"),
-        "validation_dice_by_weights": training.get("validation_dice_by_weights", {}),
+        "steps": int(training.steps if training.steps is not None else timing["steps"]),
+        "final_weights": training.final_weights,
+        "validation_dice_by_weights": training.validation_dice_by_weights or {},
         "parameters": _parameters(model_dir),
         "train_wall_s": timing["train_wall_s"],
         "resumed": timing["resumed"],

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from hermes.bundle import TrainingRecord
 from hermes.config import EvaluationConfig, InferenceConfig
 from hermes.data.annotation import (
     annotated_values,
@@ -723,20 +724,19 @@ def _model_dataset(predictor: Any, name: str) -> str | None:
     return name if any(entry.name == name for entry in predictor.catalog.datasets) else None
 
 
-def validation_case_ids(spec: dict[str, Any], dataset: str, train_ids: Sequence[str]) -> list[str]:
-    """The cases ``hermes train`` held out of ``dataset`` for validation: as recorded in
-    spec.json (``training.validation_cases``), else the trainer's seeded split of the dataset's
-    training cases redone from the recorded config (``data.val_fraction``, ``val_min_cases``,
-    ``seed``; equal unless the cache skipped cases)."""
+def validation_case_ids(training: TrainingRecord | None, dataset: str, train_ids: Sequence[str]) -> list[str]:
+    """The cases ``hermes train`` held out of ``dataset`` for validation: as recorded in the
+    model's training record (``training.validation_cases``), else the trainer's seeded split of
+    the dataset's training cases redone from the recorded config (``data.val_fraction``,
+    ``val_min_cases``, ``seed``; equal unless the cache skipped cases)."""
     from hermes.data.sampling import split_cases
 
-    training = spec.get("training") if isinstance(spec.get("training"), dict) else {}
-    recorded = training.get("validation_cases")
-    if isinstance(recorded, dict):
+    recorded = training.validation_cases if training is not None else None
+    if recorded is not None:
         return [str(c) for c in recorded.get(dataset, [])]
-    config = training.get("config")
-    if not isinstance(config, dict):
-        raise DataError("the model's spec.json records neither validation cases nor its training config")
+    config = training.config if training is not None else None
+    if config is None:
+        raise DataError("the model's training record holds neither validation cases nor its training config")
     data = config.get("data") or {}
     _, val = split_cases(
         {dataset: list(train_ids)}, float(data.get("val_fraction", 0.1)), int(data.get("val_min_cases", 1)),
@@ -790,7 +790,7 @@ def evaluate_model(
     predictor = Predictor(model_dir, device=device, config=inference)
     if catalog_path is not None:
         catalog = load_catalog(catalog_path)
-    elif isinstance(predictor.spec.get("catalog"), dict):
+    elif predictor.bundle.catalog is not None:
         catalog = predictor.catalog  # serialised with dataset paths (adaptation output)
     else:
         catalog = dataset_catalog(predictor.model_dir)  # catalog.yaml: needs the dataset folders
@@ -813,7 +813,7 @@ def evaluate_model(
     for entry in entries:
         info = open_dataset(entry.path)
         if split == "val":
-            held = set(validation_case_ids(predictor.spec, entry.name, [c.case_id for c in info.train_cases()]))
+            held = set(validation_case_ids(predictor.bundle.training, entry.name, [c.case_id for c in info.train_cases()]))
             cases = [c for c in info.train_cases() if c.label_path is not None and c.case_id in held]
         else:
             cases = [c for c in info.cases if c.label_path is not None and (split == "all" or c.split == split)]

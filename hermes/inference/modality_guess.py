@@ -14,7 +14,8 @@ measured by ``hermes evaluate -m MODEL --detect-modality`` (docs/inference_evalu
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+
+from hermes.bundle import TrainingRecord
 
 # A softmax value above this is shown as this value, marked "capped": a guess can be wrong at
 # any raw confidence (the realmini example above was wrong at 1.00), so no reported number
@@ -27,12 +28,11 @@ def reported_probability(probability: float) -> float:
     return min(float(probability), REPORTED_CONFIDENCE_CAP)
 
 
-def trained_for_recognition(spec: Mapping[str, Any]) -> bool | None:
+def trained_for_recognition(training: TrainingRecord | None) -> bool | None:
     """Whether the model's training used modality-prompt dropout (so its unknown-modality path,
-    the one recognition uses, was trained). None when spec.json records no training config
+    the one recognition uses, was trained). None when the bundle records no training config
     (e.g. an adapted model or a model not written by ``hermes train``)."""
-    training = spec.get("training")
-    config = training.get("config") if isinstance(training, Mapping) else None
+    config = training.config if training is not None else None
     if not isinstance(config, Mapping):
         return None
     data = config.get("data")

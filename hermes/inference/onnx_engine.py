@@ -23,7 +23,7 @@ window, and a larger window with a different task count) must agree within ``tol
 largest difference is recorded in ``hermes_onnx.json``.
 
 **Folder** ``OUT/``: ``model.onnx`` (the preprocessing plans also in its metadata_props),
-``spec.json`` (the model's spec: catalog, plans, patch size; what the predictor reads),
+the model's bundle spec (hermes/bundle.py: catalog, plans, patch size; what the predictor reads),
 ``hermes_onnx.json`` (the inputs/outputs above, the plans, exporter, opset, verification).
 
 **Engine.** ``Predictor(engine="onnxruntime")`` replaces only the network callable: the same
@@ -34,7 +34,6 @@ The runtime computes every prompted task and keeps the requested ones (PyTorch's
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Sequence
@@ -46,14 +45,14 @@ import torch
 from torch import nn
 
 from hermes import __version__
+from hermes.bundle import ModelBundle
 from hermes.errors import ConfigError, DataError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_bytes, atomic_write_json
 from hermes.models.hermes import SegmentationOutput
-from hermes.models.registry import load_model, read_spec, saved_patch_size
+from hermes.models.registry import load_model
 
 ONNX_FILE = "model.onnx"
 META_FILE = "hermes_onnx.json"
-SPEC_FILE = "spec.json"
 EXPORT_SUBFOLDER = "onnx"  # MODEL/onnx: where `predict --engine onnxruntime -m MODEL` also looks
 INPUTS = ("image", "task_ids", "task_mask", "modality_id")
 
@@ -87,12 +86,12 @@ class _ExportWrapper(nn.Module):
         return (out.logits,)
 
 
-def _example(spec: dict[str, Any], size: Sequence[int], num_tasks: int, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+def _example(bundle: ModelBundle, size: Sequence[int], num_tasks: int, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(seed)
-    entry = spec["model"]
-    channels = int(entry["config"].get("in_channels", 1) or 1)
-    own = entry.get("task_ids_of_model")
-    pool = list(own) if own is not None else list(range(int(entry["num_tasks"])))
+    entry = bundle.network
+    channels = entry.config.in_channels
+    own = entry.task_ids_of_model
+    pool = list(own) if own is not None else list(range(entry.num_tasks))
     ids = [[pool[(b + t) % len(pool)] for t in range(min(num_tasks, len(pool)))] for b in range(batch)]
     image = torch.randn(batch, channels, *size, generator=generator)
     task_ids = torch.tensor(ids, dtype=torch.long)
@@ -121,11 +120,12 @@ def export_onnx(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DataError(f"{out_dir} exists; pass --overwrite to replace it")
-    model, spec = load_model(model_dir, device="cpu")
+    model, bundle = load_model(model_dir, device="cpu")
     with_modality = _has_modality_head(model)
     wrapper = _ExportWrapper(model, with_modality).eval()
-    patch = saved_patch_size(spec, model_dir)
-    example = _example(spec, patch, 2, 1, seed=0)
+    summary = bundle.summary()  # patch_size, task_names, modalities, preprocessing
+    patch = bundle.patch_size
+    example = _example(bundle, patch, 2, 1, seed=0)
     outputs = ["logits", "modality_logits"] if with_modality else ["logits"]
     dims = {2: "X", 3: "Y", 4: "Z"}
     dynamic = {"image": {0: "B", **dims}, "task_ids": {0: "B", 1: "T"}, "task_mask": {0: "B", 1: "T"},
@@ -139,9 +139,8 @@ def export_onnx(
     if program is None:
         raise ModelError("torch.onnx.export returned no program")
     proto = program.model_proto
-    plans = spec.get("preprocessing")
     meta_entry = proto.metadata_props.add()
-    meta_entry.key, meta_entry.value = "hermes_preprocessing", json.dumps(plans, sort_keys=True)
+    meta_entry.key, meta_entry.value = "hermes_preprocessing", json.dumps(summary["preprocessing"], sort_keys=True)
     version_entry = proto.metadata_props.add()
     version_entry.key, version_entry.value = "hermes_version", __version__
     onnx.checker.check_model(proto)
@@ -153,7 +152,7 @@ def export_onnx(
     checks = []
     bigger = [p + p // 2 for p in patch]
     for size, tasks, batch, seed in ((patch, 2, 1, 1), (bigger, 3, 2, 2)):
-        inputs = _example(spec, size, tasks, batch, seed)
+        inputs = _example(bundle, size, tasks, batch, seed)
         with torch.no_grad():
             expected = wrapper(*inputs)
         got = session.run(None, {name: t.numpy() for name, t in zip(INPUTS, inputs)})
@@ -177,16 +176,13 @@ def export_onnx(
         },
         "outputs": {"logits": "float32 (B, T, X, Y, Z): one sigmoid channel per prompted task",
                     **({"modality_logits": "float32 (B, M)"} if with_modality else {})},
-        "patch_size": patch,
-        "task_names": spec.get("task_names") or [t["name"] for t in (spec.get("catalog") or {}).get("tasks", [])],
-        "modalities": spec.get("modalities") or (spec.get("catalog") or {}).get("modalities"),
-        "preprocessing": plans,
+        **summary,
         "export_seconds": round(seconds, 1),
         "verification": {"tolerance": tolerance, "checks": checks},
     }
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         atomic_write_bytes(tmp / ONNX_FILE, data)
-        atomic_write_json(tmp / SPEC_FILE, spec)
+        bundle.write_spec(tmp)
         atomic_write_json(tmp / META_FILE, meta)
     return out_dir
 
@@ -253,13 +249,12 @@ class OnnxNetwork:
         )
 
 
-def load_engine(model_dir: Path, engine: str, device: torch.device) -> tuple[OnnxNetwork, dict[str, Any]]:
-    """(network, spec) for ``Predictor(engine=...)``."""
+def load_engine(model_dir: Path, engine: str, device: torch.device) -> tuple[OnnxNetwork, ModelBundle]:
+    """(network, bundle) for ``Predictor(engine=...)``."""
     if engine != "onnxruntime":
         raise ConfigError(f"unknown engine {engine!r} (torch or onnxruntime)")
     folder = find_export(model_dir)
-    spec = read_spec(folder)
-    return OnnxNetwork(folder, device), copy.deepcopy(spec)
+    return OnnxNetwork(folder, device), ModelBundle.load(folder)
 
 
 def describe_export(folder: Path) -> str:

@@ -15,7 +15,6 @@ user gets.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -26,10 +25,8 @@ from typing import Any
 import cc3d
 import numpy as np
 
+from hermes.bundle import postprocessing_path, read_postprocessing, write_postprocessing
 from hermes.errors import DataError, ModelError
-from hermes.fileio import atomic_write_json
-
-POSTPROCESSING_FILE = "postprocessing.json"
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -83,12 +80,13 @@ class Postprocessing:
 
 def load_postprocessing(model_dir: str | Path, task_names: Sequence[str] | None = None) -> Postprocessing | None:
     """MODEL/postprocessing.json, or None when the model has none (nothing is applied)."""
-    path = Path(model_dir) / POSTPROCESSING_FILE
-    if not path.is_file():
+    data = read_postprocessing(model_dir)
+    if data is None:
         return None
+    path = postprocessing_path(model_dir)
     try:
-        plan = Postprocessing.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        plan = Postprocessing.from_dict(data)
+    except (ValueError, KeyError, TypeError) as error:
         raise ModelError(f"{path}: not a postprocessing file: {error}") from None
     unknown = [t for t in plan.largest_component if task_names is not None and t not in task_names]
     if unknown:
@@ -97,10 +95,7 @@ def load_postprocessing(model_dir: str | Path, task_names: Sequence[str] | None 
 
 
 def save_postprocessing(model_dir: str | Path, plan: Postprocessing, overwrite: bool = False) -> Path:
-    path = Path(model_dir) / POSTPROCESSING_FILE
-    if path.exists() and not overwrite:
-        raise DataError(f"{path} exists; pass --overwrite to replace the stored postprocessing decision")
-    return atomic_write_json(path, plan.to_dict())
+    return write_postprocessing(model_dir, plan.to_dict(), overwrite)
 
 
 def decide(scores: dict[str, list[tuple[float, float]]], source: dict[str, Any] | None = None) -> Postprocessing:
@@ -146,7 +141,6 @@ class Chooser:
 
 
 __all__ = [
-    "POSTPROCESSING_FILE",
     "Chooser",
     "Postprocessing",
     "decide",

@@ -1,7 +1,7 @@
 """Segment a new image with a saved model, on the image's own voxel grid.
 
 Pipeline per image: choose the modality (given, or the modality head's vote) -> choose the tasks
-(given, or every task trained for that modality) -> the model's own preprocessing (spec.json:
+(given, or every task trained for that modality) -> the model's own preprocessing (its bundle:
 reorientation, body crop, resampling to the training spacing, normalisation; the same function
 ``hermes prepare`` used) -> Gaussian sliding window -> sigmoid -> back to the original grid
 (``restore_to_original``: resampled probabilities, un-cropped, original voxel order, so shape and
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from hermes import __version__
+from hermes.bundle import ModelBundle, catalog_path
 from hermes.config import InferenceConfig
 from hermes.data.catalog import Catalog, DatasetEntry, TaskSpec, load_catalog
 from hermes.data.imageio import Image, image_suffix, load_image, save_image
@@ -53,7 +54,7 @@ from hermes.inference.modality_guess import guess_message, reported_probability,
 from hermes.inference.postprocess import load_postprocessing
 from hermes.inference.sliding_window import central_window, sliding_window_inference
 from hermes.inference.tta import check_possible, mirrored_network, plan_mirroring, trained_mirror_axes
-from hermes.models.registry import SPEC_FILE, load_model, saved_patch_size
+from hermes.models.registry import load_model
 from hermes.runtime import choose_device, resolve_channels_last
 
 OutputMode = Literal["multilabel", "binary"]
@@ -151,63 +152,55 @@ def check_output(path: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------------------------
 # Model directory
 # ----------------------------------------------------------------------------------------------
-def _catalog_from_spec(spec: dict[str, Any]) -> Catalog:
-    """The catalog as ``hermes train`` records it in spec.json (task names, modality names,
+def _catalog_from_summary(bundle: ModelBundle) -> Catalog:
+    """The catalog as ``hermes train`` records it in the bundle (task names, modality names,
     dataset entries without their machine-specific paths)."""
     datasets = []
     families: dict[str, str] = {}
-    for item in spec["datasets"]:
+    for item in bundle.datasets or []:
         entry = DatasetEntry.from_dict({**item, "path": item.get("path") or f"<not stored>/{item['folder']}"})
         datasets.append(entry)
         families.setdefault(entry.modality, entry.family)
     return Catalog(
-        tasks=[TaskSpec(str(name), index) for index, name in enumerate(spec["task_names"])],
-        vocabulary=ModalityVocabulary.from_names([str(m) for m in spec["modalities"]], families),
+        tasks=[TaskSpec(str(name), index) for index, name in enumerate(bundle.task_names or [])],
+        vocabulary=ModalityVocabulary.from_names([str(m) for m in bundle.modalities or []], families),
         datasets=datasets,
     )
 
 
-def model_catalog(model_dir: Path, spec: dict[str, Any]) -> Catalog:
-    """The catalog a model was trained with, without needing its dataset folders: spec.json's
+def model_catalog(model_dir: Path, bundle: ModelBundle) -> Catalog:
+    """The catalog a model was trained with, without needing its dataset folders: the bundle's
     serialised ``catalog`` (adaptation output), else its ``task_names``/``modalities``/
     ``datasets`` (``hermes train`` output), else MODEL/catalog.yaml."""
-    where = model_dir / "spec.json"
     try:
-        if isinstance(spec.get("catalog"), dict):
-            return Catalog.from_dict(spec["catalog"])
-        if all(key in spec for key in ("task_names", "modalities", "datasets")):
-            return _catalog_from_spec(spec)
+        if bundle.catalog is not None:
+            return Catalog.from_dict(bundle.catalog)
+        if bundle.task_names is not None and bundle.modalities is not None and bundle.datasets is not None:
+            return _catalog_from_summary(bundle)
     except (ConfigError, KeyError, TypeError, ValueError) as error:
-        raise ModelError(f"{where}: invalid catalog information: {error!r}") from None
+        raise ModelError(f"{bundle.where}: invalid catalog information: {error!r}") from None
     return dataset_catalog(model_dir)
 
 
 def dataset_catalog(model_dir: Path) -> Catalog:
     """MODEL/catalog.yaml resolved against its dataset folders (to evaluate on their cases)."""
-    path = model_dir / "catalog.yaml"
+    path = catalog_path(model_dir)
     if not path.is_file():
-        raise ModelError(f"{model_dir}: no catalog.yaml (pass the catalog explicitly)")
+        raise ModelError(f"{model_dir}: no {path.name} (pass the catalog explicitly)")
     try:
         return load_catalog(path)
     except HermesError as error:
         raise ModelError(f"{path}: cannot load the model's catalog: {error}") from None
 
 
-def _load_plans(model_dir: Path, spec: dict[str, Any]) -> list[PreprocessPlan]:
-    """spec["preprocessing"]: ``{"datasets": {name: plan}, "modalities": {name: plan}}``
-    (``hermes train``) or a flat ``{name: plan}``; every distinct plan is a candidate."""
-    raw = spec.get("preprocessing")
-    where = model_dir / "spec.json"
-    if not isinstance(raw, dict) or not raw:
+def _load_plans(bundle: ModelBundle) -> list[PreprocessPlan]:
+    """The bundle's preprocessing plans (per dataset, per modality); every distinct plan is a
+    candidate."""
+    where = bundle.where
+    if bundle.preprocessing is None:
         raise ModelError(f"{where}: no 'preprocessing' plans; cannot preprocess images")
-    items: list[tuple[str, Any]] = []
-    if isinstance(raw.get("datasets"), dict) or isinstance(raw.get("modalities"), dict):
-        for section in ("datasets", "modalities"):
-            items.extend((f"{section}.{k}", v) for k, v in (raw.get(section) or {}).items())
-    else:
-        items = list(raw.items())
     plans: dict[str, PreprocessPlan] = {}
-    for key, value in items:
+    for key, value in bundle.preprocessing.items():
         try:
             plan = PreprocessPlan.from_dict(value)
         except (KeyError, TypeError, ValueError) as error:
@@ -247,26 +240,26 @@ class Predictor:
             raise ModelError(f"model directory not found: {self.model_dir}")
         self.config = config or InferenceConfig()
         self.device = choose_device(device)
+        self.bundle: ModelBundle
         if engine == "torch":
-            self.model, self.spec = load_model(self.model_dir, device=self.device)
+            self.model, self.bundle = load_model(self.model_dir, device=self.device)
         else:  # the same pipeline around another runtime's network (hermes/inference/onnx_engine.py)
             from hermes.inference.onnx_engine import load_engine
 
-            self.model, self.spec = load_engine(self.model_dir, engine, self.device)  # type: ignore[assignment]
+            self.model, self.bundle = load_engine(self.model_dir, engine, self.device)  # type: ignore[assignment]
             channels_last = False
-        self.catalog = model_catalog(self.model_dir, self.spec)
-        self.plans = _load_plans(self.model_dir, self.spec)
-        self.patch_size = saved_patch_size(self.spec, self.model_dir / SPEC_FILE)
-        model_entry = self.spec["model"]
-        self.own_tasks: list[int] | None = model_entry.get("task_ids_of_model")
-        config_entry = model_entry.get("config") or {}
-        self.context_prompts = bool(config_entry.get("task_conditioned_features", True)) and self.own_tasks is None
-        if self.catalog.num_tasks != model_entry["num_tasks"]:
+        self.catalog = model_catalog(self.model_dir, self.bundle)
+        self.plans = _load_plans(self.bundle)
+        self.patch_size = self.bundle.patch_size
+        network = self.bundle.network
+        self.own_tasks: list[int] | None = network.task_ids_of_model
+        self.context_prompts = network.config.task_conditioned_features and self.own_tasks is None
+        if self.catalog.num_tasks != network.num_tasks:
             raise ModelError(
-                f"{self.model_dir}: the catalog has {self.catalog.num_tasks} tasks, the model {model_entry['num_tasks']}"
+                f"{self.model_dir}: the catalog has {self.catalog.num_tasks} tasks, the model {network.num_tasks}"
             )
         self.postprocessing = load_postprocessing(self.model_dir, self.catalog.task_names) if self.config.postprocess else None
-        self.trained_mirror_axes = trained_mirror_axes(self.spec)
+        self.trained_mirror_axes = trained_mirror_axes(self.bundle.training, self.bundle.adaptation)
         if self.config.mirror_tta:
             check_possible(self.trained_mirror_axes, self.catalog)  # refuse before any image is read
         self.channels_last = resolve_channels_last(channels_last, self.device)
@@ -589,7 +582,7 @@ class Predictor:
             guessed["modality_scores"] = {m: round(p, 4) for m, p in scores.items()}  # raw softmax, uncalibrated
             if verbose:
                 owners = [e.name for e in self.catalog.datasets if any(t in e.task_ids for t in task_ids)]
-                message = guess_message(chosen, scores, names, owners, trained_for_recognition(self.spec))
+                message = guess_message(chosen, scores, names, owners, trained_for_recognition(self.bundle.training))
                 print(message, file=sys.stderr)
 
         threshold = float(self.config.threshold)

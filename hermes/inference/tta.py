@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from hermes.bundle import AdaptationRecord, TrainingRecord
 from hermes.data.catalog import Catalog, DatasetEntry
 from hermes.errors import ConfigError
 from hermes.inference.sliding_window import mirror_combinations
@@ -64,13 +64,15 @@ class MirrorPlan:
         return extra
 
 
-def trained_mirror_axes(spec: dict[str, Any]) -> tuple[int, ...]:
-    """Axes mirrored by every training stage of a saved model (none when a stage's config is not
-    recorded: unknown means not mirrored)."""
-    training = spec.get("training") if isinstance(spec.get("training"), dict) else {}
-    stages = [((training.get("config") or {}).get("data") or {}).get("augment")]
-    for record in spec.get("adaptation") or []:
-        data = ((record or {}).get("config") or {}).get("data")
+def trained_mirror_axes(
+    training: TrainingRecord | None, adaptation: Sequence[AdaptationRecord] = ()
+) -> tuple[int, ...]:
+    """Axes mirrored by every training stage of a saved model (its bundle's training record and
+    adaptation records; none when a stage's config is not recorded: unknown means not mirrored)."""
+    config = training.config if training is not None else None
+    stages = [((config or {}).get("data") or {}).get("augment")]
+    for record in adaptation:
+        data = (record.config or {}).get("data")
         if data is not None:  # None: the adaptation kept the base model's data settings
             stages.append(data.get("augment"))
     axes: set[int] | None = None

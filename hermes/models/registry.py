@@ -1,30 +1,24 @@
-"""Named model sizes, ``build_model`` from a :class:`ModelConfig`, and the saved-model format.
+"""Named model sizes, ``build_model`` from a :class:`ModelConfig`, and saving/loading a model.
 
-A saved model is a directory with ``weights.safetensors`` (tensors only: no pickle, no code) and
-``spec.json``. ``spec["model"]`` holds everything ``build_model`` needs (the model config, the
-number of tasks and modalities, a baseline's own task ids, the patch size), so ``load_model``
-rebuilds the network from the directory alone; the rest of the spec (task names, preprocessing,
-training info) is the caller's and is returned untouched.
+A saved model is a folder that :mod:`hermes.bundle` alone reads and writes: the weights and a
+:class:`~hermes.bundle.ModelBundle` whose ``network`` entry holds everything ``build_model``
+needs (the model config, the number of tasks and modalities, a baseline's own task ids, the
+patch size), so ``load_model`` rebuilds the network from the folder alone; the rest of the
+bundle (task names, preprocessing, training info) is the caller's and is returned untouched.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from hermes.bundle import SPEC_FILE, ModelBundle, NetworkSpec, read_weights, weights_path
 from hermes.config import ModelConfig
 from hermes.errors import ConfigError, ModelError
-from hermes.fileio import atomic_write_bytes, atomic_write_json
 from hermes.models.architectures import patch_constraints
 from hermes.models.backbone import DEEP_SUPERVISION_LEVELS, ordered_stages, stage_widths
 from hermes.models.baselines import BackboneWithHead, MonaiAdapter, TraditionalModel, dynunet_kernels_strides
@@ -34,8 +28,6 @@ from hermes.models.medformer import MedFormer
 from hermes.models.priors import ContextPriors
 from hermes.models.resunet import ResUNet
 
-WEIGHTS_FILE = "weights.safetensors"
-SPEC_FILE = "spec.json"
 # prototype width of model.feature_head "mlp" when model.prototype_dim is not set
 MLP_FEATURE_DIM = 32
 
@@ -220,7 +212,8 @@ def build_model(
 
     ``task_ids_of_model`` (alias ``task_ids``): a baseline's own global task ids, one output
     channel each (ignored by Hermes, which selects any task through its priors). ``patch_size``
-    is needed by ``dynunet``. The returned module carries ``build_spec`` for :func:`save_model`.
+    is needed by ``dynunet``. The returned module carries ``build_spec`` (a
+    :class:`~hermes.bundle.NetworkSpec`) for :func:`save_model`.
     """
     if task_ids is not None and task_ids_of_model is not None:
         raise TypeError("give task_ids_of_model or its alias task_ids, not both")
@@ -236,108 +229,57 @@ def build_model(
             raise ModelError(f"architecture {model_config.architecture!r} is per-dataset: give its task ids")
         network = _build_network(model_config, len(own), patch_size)
         model = TraditionalModel(network, own, num_tasks, num_modalities)
-    model.build_spec = {  # type: ignore[assignment]
-        "config": model_config.model_dump(mode="json"),
-        "num_tasks": num_tasks,
-        "num_modalities": num_modalities,
-        "task_ids_of_model": list(own)
-        if own is not None and not model_config.architecture.startswith("hermes_")
-        else None,
-        "patch_size": list(patch_size) if patch_size is not None else None,
-    }
+    model.build_spec = NetworkSpec(  # type: ignore[assignment]
+        config=model_config,
+        num_tasks=num_tasks,
+        num_modalities=num_modalities,
+        task_ids_of_model=list(own) if own is not None and not model_config.architecture.startswith("hermes_") else None,
+        patch_size=list(patch_size) if patch_size is not None else None,
+    )
     return model
 
 
-def save_model(directory: str | Path, model: nn.Module, spec: dict[str, Any]) -> Path:
-    """Write ``weights.safetensors`` then ``spec.json`` (each atomically; the spec last, so a
-    directory with a spec always has its weights). ``spec["model"]`` is set from the model."""
+def network_spec(model: nn.Module) -> NetworkSpec:
+    """The network entry of a model made by :func:`build_model`."""
     build_spec = getattr(model, "build_spec", None)
-    if build_spec is None:
+    if not isinstance(build_spec, NetworkSpec):
         raise ModelError("save_model: this model was not made by build_model (no build_spec)")
+    return build_spec
+
+
+def save_model(
+    directory: str | Path, model: nn.Module, bundle: ModelBundle | None = None, catalog_yaml: str | None = None
+) -> Path:
+    """Save ``model`` with ``bundle`` (default: a bundle with only the network entry) through
+    :meth:`ModelBundle.save`. The bundle's network entry must be the model's."""
+    network = network_spec(model)
+    if bundle is None:
+        bundle = ModelBundle(network=network)
+    elif bundle.network.model_dump(mode="json") != network.model_dump(mode="json"):
+        raise ModelError("save_model: the bundle's network entry is not this model's (use model.build_spec)")
+    return bundle.save(directory, model.state_dict(), catalog_yaml)
+
+
+def build_saved_network(bundle: ModelBundle) -> nn.Module:
+    """The network of a bundle with fresh weights."""
+    entry = bundle.network
+    return build_model(entry.config, entry.num_tasks, entry.num_modalities, entry.task_ids_of_model, entry.patch_size)
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelBundle]:
+    """Rebuild the model from the folder's bundle and load its weights (eval mode)."""
     directory = Path(directory)
-    # safetensors refuses tensors that share storage (MONAI DynUNet registers its encoder blocks
-    # twice: under input_block/downsamples and under skip_layers), so the second name gets a copy;
-    # loading fills both names with equal values, which is what the aliasing held.
-    state: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        key = tensor.untyped_storage().data_ptr()
-        if tensor.numel() and key in seen:
-            tensor = tensor.clone()
-        seen.add(key)
-        state[name] = tensor
-    atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_bytes(state))
-    atomic_write_json(directory / SPEC_FILE, {**spec, "model": build_spec})
-    return directory
-
-
-def read_spec(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / SPEC_FILE
-    if not path.is_file():
-        raise ModelError(f"{path}: not found (is {directory} a saved model directory?)")
-    try:
-        spec = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelError(f"{path}: not valid JSON: {error}") from None
-    needed = ("config", "num_tasks", "num_modalities", "task_ids_of_model", "patch_size")
-    if (
-        not isinstance(spec, dict)
-        or not isinstance(spec.get("model"), dict)
-        or any(k not in spec["model"] for k in needed)
-    ):
-        raise ModelError(f"{path}: needs a 'model' entry with {', '.join(needed)}")
-    return spec
-
-
-def saved_patch_size(spec: dict[str, Any], where: str | Path = SPEC_FILE) -> list[int]:
-    """The patch a saved network was built and trained with: the one reader of it.
-
-    ``spec["model"]["patch_size"]`` (written with the network) comes first; the top-level copy is
-    the training run's summary, which an adaptation run (finetune/extend at another patch size)
-    inherits from its base model, so readers that preferred it used the wrong window.
-    """
-    for candidate in ((spec.get("model") or {}).get("patch_size"), spec.get("patch_size")):
-        if isinstance(candidate, (list, tuple)) and len(candidate) == 3:
-            return [int(v) for v in candidate]
-    raise ModelError(f"{where}: no patch_size (a 3-number list) in 'model' or at the top level")
-
-
-def migrate_model_config(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved model config in today's schema: keys added since are filled with the value that
-    reproduces the saved network (a model saved before ``prototype_logit`` existed used "dot")."""
-    migrated = dict(saved)
-    migrated.setdefault("prototype_logit", "dot")
-    return migrated
-
-
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from ``spec.json`` and load its weights (eval mode)."""
-    directory = Path(directory)
-    spec = read_spec(directory)
-    entry = spec["model"]
-    try:
-        config = ModelConfig.model_validate(migrate_model_config(entry["config"]))
-    except ValidationError as error:
-        raise ModelError(f"{directory / SPEC_FILE}: invalid model config: {error}") from None
-    model = build_model(
-        config, entry["num_tasks"], entry["num_modalities"], entry["task_ids_of_model"], entry["patch_size"]
-    )
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelError(f"{weights}: not found")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelError(f"{weights}: unreadable or corrupt: {error}") from None
+    bundle = ModelBundle.load(directory)
+    model = build_saved_network(bundle)
+    state = read_weights(directory)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong:
         raise ModelError(
-            f"{weights} does not match {SPEC_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"{weights_path(directory)} does not match {SPEC_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape {wrong[:5]}"
         )
     model.load_state_dict(state)
-    return model.to(device).eval(), spec
+    return model.to(device).eval(), bundle

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hermes.bundle import ModelBundle, NetworkSpec, Preprocessing, TrainingRecord
 from hermes.config import TrainConfig
 from hermes.data.cache import CacheIndex, check_cached_cases, open_cache
 from hermes.data.catalog import Catalog, load_catalog
@@ -154,10 +155,19 @@ def build_checked_model(config: TrainConfig, data: RunData, device: torch.device
     return model, unused
 
 
-def model_spec(config: TrainConfig, data: RunData, step: int, amp: AmpSettings, val_dice: dict[str, float]) -> dict[str, Any]:
-    """``spec.json`` of the saved model (``save_model`` adds the ``model`` entry): everything
-    ``hermes predict`` needs besides the weights, i.e. tasks, modalities, datasets (prompts) and
-    the preprocessing plans (per dataset, and per modality for images of an unseen dataset)."""
+def model_bundle(
+    config: TrainConfig,
+    data: RunData,
+    step: int,
+    amp: AmpSettings,
+    val_dice: dict[str, float],
+    network: NetworkSpec,
+    final_weights: str | None = None,
+    dice_by_weights: dict[str, dict[str, float]] | None = None,
+) -> ModelBundle:
+    """The saved model's bundle: everything ``hermes predict`` needs besides the weights, i.e.
+    tasks, modalities, datasets (prompts) and the preprocessing plans (per dataset, and per
+    modality for images of an unseen dataset), with the network entry and the run's record."""
     catalog = data.catalog
     plans = {name: plan.to_dict() for name, plan in data.cache.plans.items() if name in data.train_cases}
     by_modality: dict[str, dict[str, Any]] = {}
@@ -168,25 +178,31 @@ def model_spec(config: TrainConfig, data: RunData, step: int, amp: AmpSettings, 
     datasets = [entry.to_dict() for entry in catalog.datasets if entry.name in data.train_cases]
     for item in datasets:
         item.pop("path", None)  # machine-specific; the model must not depend on it
-    return {
-        "format": "hermes-model",
-        "version": 1,
-        "paradigm": config.paradigm,
-        "dataset": config.dataset,
-        "task_names": catalog.task_names,
-        "modalities": catalog.modalities,
-        "unknown_modality_id": catalog.unknown_modality_id,
-        "null_task_id": catalog.null_task_id,
-        "datasets": datasets,
-        "preprocessing": {"datasets": plans, "modalities": by_modality},
-        "patch_size": list(config.data.patch_size),
-        "training": {
-            "steps": step,
-            "seed": config.seed,
-            "precision": amp.name,
-            "validation_dice": {k: (None if math.isnan(v) else v) for k, v in val_dice.items()},
+
+    def finite(dice: dict[str, float]) -> dict[str, float | None]:
+        return {k: (None if math.isnan(v) else v) for k, v in dice.items()}
+
+    return ModelBundle(
+        paradigm=config.paradigm,
+        dataset=config.dataset,
+        task_names=catalog.task_names,
+        modalities=catalog.modalities,
+        unknown_modality_id=catalog.unknown_modality_id,
+        null_task_id=catalog.null_task_id,
+        datasets=datasets,
+        preprocessing=Preprocessing(datasets=plans, modalities=by_modality),
+        training=TrainingRecord(
+            steps=step,
+            seed=config.seed,
+            precision=amp.name,
+            validation_dice=finite(val_dice),
             # held-out cases per dataset (`hermes evaluate --split val`, postprocessing choice)
-            "validation_cases": {name: list(ids) for name, ids in data.val_cases.items()},
-            "config": config.model_dump(mode="json"),
-        },
-    }
+            validation_cases={name: list(ids) for name, ids in data.val_cases.items()},
+            config=config.model_dump(mode="json"),
+            final_weights=final_weights,
+            validation_dice_by_weights=None
+            if dice_by_weights is None
+            else {name: finite(dice) for name, dice in dice_by_weights.items()},
+        ),
+        network=network,
+    )

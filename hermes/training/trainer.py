@@ -1,6 +1,6 @@
 """``train(config)``: the training loop, kept short; the parts live in their own modules.
 
-    plan.py         checks + data (catalog, cache, splits) + model smoke test + model spec
+    plan.py         checks + data (catalog, cache, splits) + model smoke test + model bundle
     loss.py         partial-label BCE + Dice, modality CE, deep supervision
     optim.py        LAMB / AdamW / SGD, clipping, warm-up + poly/cosine schedule
     precision.py    autocast dtype, GradScaler, channels_last
@@ -37,7 +37,7 @@ from hermes.data.cache_lock import read_lock
 from hermes.data.loader import make_train_loader
 from hermes.errors import ConfigError
 from hermes.fileio import atomic_write_text
-from hermes.models.registry import save_model
+from hermes.models.registry import network_spec, save_model
 from hermes.runtime import AmpSettings, resolve_amp, to_device
 from hermes.training.checkpoint import (
     capture_rng_state,
@@ -57,7 +57,7 @@ from hermes.training.plan import (
     check_output,
     check_patch,
     load_data,
-    model_spec,
+    model_bundle,
 )
 from hermes.training.step import medcontext_generator, train_step
 from hermes.training.validation import Validator, mean_dice
@@ -275,15 +275,12 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
     model_dir = out / MODEL_DIR
     if ctx.is_main:
         final, chosen, scores = choose_final_weights(config, model, ema, validator, val_dice)
-        spec = model_spec(config, data, step, amp, scores.get(chosen, val_dice))
-        spec["training"]["final_weights"] = chosen
-        spec["training"]["validation_dice_by_weights"] = {
-            name: {k: (None if math.isnan(v) else v) for k, v in dice.items()} for name, dice in scores.items()
-        }
+        bundle = model_bundle(
+            config, data, step, amp, scores.get(chosen, val_dice), network_spec(final), chosen, scores
+        )
         if scores:
             log.info("final weights: %s (validation Dice %s)", chosen,
                      ", ".join(f"{name} {mean_dice(d):.4f}" for name, d in scores.items()))
-        save_model(model_dir, final, spec)
-        atomic_write_text(model_dir / "catalog.yaml", data.catalog.to_yaml())
+        save_model(model_dir, final, bundle, catalog_yaml=data.catalog.to_yaml())
     ctx.barrier()
     return TrainResult(out, model_dir, step, val_dice, losses)
