@@ -55,6 +55,7 @@ RESULT_FILE = "result.json"
 REPORT_FILE = "nnunet_peer.md"
 DATASET_FOLDER = re.compile(r"^Dataset(?P<id>\d{3})_(?P<name>[A-Za-z0-9_.\-]+)$")
 FOLDS = ("all", "0", "1", "2", "3", "4")
+N_PROC_DA = "nnUNet_n_proc_DA"  # augmentation worker processes, read by nnU-Net at each use
 
 
 class PeerError(Exception):
@@ -259,7 +260,7 @@ def configure_environment(args: argparse.Namespace) -> None:
     os.environ.update({
         **{name: str(work / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")},
         "nnUNet_compile": "false",
-        "nnUNet_n_proc_DA": str(args.da_processes),
+        N_PROC_DA: str(args.da_processes),
         "nnUNet_def_n_proc": str(args.threads),
     })
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -414,7 +415,7 @@ def run_dataset(job: Job, args: argparse.Namespace, versions: dict[str, str]) ->
 
     # nnU-Net's planner sets torch's threads to nnUNet_n_proc_DA while it sizes the network (2.8.1:
     # an error with 0); augmentation workers matter only from training on.
-    os.environ["nnUNet_n_proc_DA"] = str(args.threads)
+    os.environ[N_PROC_DA] = str(args.threads)
     with stage(job, "plan_preprocess", wall), in_process_pools(args.processes == 1):
         from nnunetv2.experiment_planning.plan_and_preprocess_api import (
             extract_fingerprint_dataset,
@@ -438,7 +439,7 @@ def run_dataset(job: Job, args: argparse.Namespace, versions: dict[str, str]) ->
 
     trainer_class = make_trainer_class(args.epochs, args.iterations_per_epoch, args.val_iterations,
                                        None if args.train_minutes is None else args.train_minutes * 60.0)
-    os.environ["nnUNet_n_proc_DA"] = str(args.da_processes)
+    os.environ[N_PROC_DA] = str(args.da_processes)
     with stage(job, "training", wall), in_process_pools(args.processes == 1):
         _seed(args.seed)
         trainer_plans = dict(plans, continue_training=False)
