@@ -55,6 +55,7 @@ RESULT_FILE = "result.json"
 REPORT_FILE = "nnunet_peer.md"
 DATASET_FOLDER = re.compile(r"^Dataset(?P<id>\d{3})_(?P<name>[A-Za-z0-9_.\-]+)$")
 FOLDS = ("all", "0", "1", "2", "3", "4")
+PROGRESS_SECONDS = 60.0  # a progress line at least this often during an epoch
 N_PROC_DA = "nnUNet_n_proc_DA"  # augmentation worker processes, read by nnU-Net at each use
 
 
@@ -342,7 +343,13 @@ def make_trainer_class(epochs: int, iterations: int, val_iterations: int, train_
             for epoch in range(self.current_epoch, self.num_epochs):
                 self.on_epoch_start()
                 self.on_train_epoch_start()
-                train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+                train_outputs, shown = [], time.perf_counter()
+                for iteration in range(self.num_iterations_per_epoch):
+                    train_outputs.append(self.train_step(next(self.dataloader_train)))
+                    if time.perf_counter() - shown > PROGRESS_SECONDS:
+                        shown = time.perf_counter()
+                        log(f"{self.plans_manager.dataset_name}: epoch {epoch + 1}/{self.num_epochs}, iteration "
+                            f"{iteration + 1}/{self.num_iterations_per_epoch}, {shown - start:.0f} s of training")
                 self.on_train_epoch_end(train_outputs)
                 with torch.no_grad():
                     self.on_validation_epoch_start()
@@ -672,6 +679,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PeerError as error:
             log(f"{job.name}: FAILED")
             failures.append(str(error))
+            continue
+        except Exception as error:  # outside a stage (e.g. linking the raw data): still name the dataset
+            traceback.print_exc()
+            log(f"{job.name}: FAILED")
+            failures.append(f"{job.name}: {type(error).__name__}: {error}")
             continue
         path = atomic_write_json(job.out / RESULT_FILE, json_safe(result))
         m = result["metrics"]["mean"]
