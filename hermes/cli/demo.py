@@ -84,6 +84,7 @@ def run_demo(
     from hermes.evaluation.evaluate import evaluate_model, format_table, write_outputs
     from hermes.evaluation.report import overlay_files
     from hermes.synthetic import generate_cohort
+    from hermes.synthetic.datasets import select_datasets
     from hermes.training.checkpoint import checkpoint_path
     from hermes.training.trainer import train
 
@@ -112,7 +113,12 @@ def run_demo(
     done("prepare")
 
     stage("train")
-    config = load_train_config(write_train_config(out, {"seed": seed, **(train_overrides or {})}))
+    overrides: dict[str, Any] = {"seed": seed, **(train_overrides or {})}
+    if any(len(spec.sequences) > 1 for spec in select_datasets(list(datasets) if datasets else None)):
+        # a multi-channel dataset next to single-channel ones (e.g. 108 BrainTumourMR): the
+        # per-channel stem (docs/architecture.md, "Input channels"), unless the caller chose
+        overrides["model"] = {"channel_fusion": "mean", **overrides.get("model", {})}
+    config = load_train_config(write_train_config(out, overrides))
     resume = checkpoint_path(config.output).is_file()
     result = train(config, resume=resume, progress=progress)
     done("train")
