@@ -9,8 +9,9 @@
 
 Inputs: a NIfTI/NRRD/MHA file, a DICOM series folder, or a folder of image files (nnU-Net's
 ``CASE_0000.nii.gz`` channel naming is grouped into cases; a gap in a case's channel numbers is
-a missing channel, which a ``channel_fusion: mean`` model predicts without, with a warning). Outputs: one multi-label image +
-a JSON sidecar of label names per case, or one folder of binary masks per case.
+a missing channel, which a ``channel_fusion: mean`` model predicts without, with a warning).
+Outputs: one multi-label image + a JSON sidecar of label names per case, or one folder of binary
+masks per case.
 """
 
 from __future__ import annotations
