@@ -319,6 +319,98 @@ def test_folder_input_with_a_channel_number_gap(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation with a channel dropped
+# ---------------------------------------------------------------------------------------------
+def _brats_dataset(root: Path) -> Path:
+    """A 4-channel nnU-Net dataset with one training and two test cases (edema 1, tumour 2)."""
+    folder = root / "Dataset909_BrainMR"
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (folder / sub).mkdir(parents=True)
+    meta = {"channel_names": {str(i): c for i, c in enumerate(BRATS_NAMES)}, "file_ending": ".nii.gz",
+            "labels": {"background": 0, "edema": 1, "tumour": 2}, "numTraining": 1}
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for split, cases in (("Tr", ["tr0"]), ("Ts", ["ts0", "ts1"])):
+        for number, case in enumerate(cases):
+            label = np.zeros((20, 18, 16), np.uint8)
+            label[6:12, 5:11, 4:10] = 1
+            label[8:10, 7:9, 6:8] = 2
+            for channel, image in enumerate(_brats_images(number)):
+                save_image(folder / f"images{split}" / f"{case}_{channel:04d}.nii.gz", image.array, affine)
+            save_image(folder / f"labels{split}" / f"{case}.nii.gz", label, affine)
+    return folder
+
+
+def test_evaluate_with_a_channel_dropped(tmp_path: Path, capsys) -> None:
+    """``evaluate --drop-channel``: every case predicted without the channel (one warning per
+    dataset), recorded in summary.json; an error for a plain-conv model or a channel the
+    dataset lacks."""
+    from hermes.cli import main
+    from hermes.config import EvaluationConfig, InferenceConfig
+    from hermes.evaluation.evaluate import evaluate_model
+
+    folder = _brats_dataset(tmp_path)
+    brain = (("BrainMR", ("FLAIR", "T1", "T1c", "T2"), ("edema", "tumour"), folder),)
+    model = make_model_dir(tmp_path / "m", brain, spacing=(4.0, 4.0, 4.0), layout="adaptation", channel_fusion="mean")
+    fast = {"inference": InferenceConfig(overlap=0.0), "config": EvaluationConfig(bootstrap_samples=5, workers=1),
+            "device": "cpu", "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingChannelWarning)
+        full = evaluate_model(model, **fast)
+    assert "dropped_channel" not in full.summary
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dropped = evaluate_model(model, drop_channel="t1c", **fast)  # by modality, any case
+    missing = [w for w in caught if issubclass(w.category, MissingChannelWarning)]
+    assert len(missing) == 1 and "BrainMR: evaluating without channel 2 (T1c: T1c)" in str(missing[0].message)
+    assert dropped.summary["dropped_channel"] == {
+        "requested": "t1c", "datasets": {"BrainMR": {"channel": 2, "name": "T1c", "modality": "T1c"}}}
+    assert len(dropped.rows) == len(full.rows) == 4  # 2 cases x 2 tasks
+    assert "predicted without one channel: BrainMR: channel 2 (T1c: T1c)" in dropped.table()
+    with pytest.warns(MissingChannelWarning):
+        by_number = evaluate_model(model, drop_channel=2, **fast)
+    assert [r["dice"] for r in by_number.rows] == [r["dice"] for r in dropped.rows]
+
+    # the CLI: --drop-channel by channel number, summary.json in its own default folder
+    args = ["evaluate", "-m", str(model), "--device", "cpu", "--overlap", "0", "--bootstrap", "5", "--workers", "1",
+            "--quiet"]
+    with pytest.warns(MissingChannelWarning, match="without channel 0"):
+        assert main([*args, "--drop-channel", "0"]) == 0
+    summary = json.loads((model / "evaluation_test_without_0" / "summary.json").read_text())
+    assert summary["dropped_channel"]["datasets"]["BrainMR"] == {"channel": 0, "name": "FLAIR", "modality": "FLAIR"}
+    assert "predicted without one channel: BrainMR: channel 0 (FLAIR: FLAIR)" in capsys.readouterr().out
+    assert main([*args, "--drop-channel", "DWI"]) == 2
+    assert "dataset 'BrainMR' has no channel 'DWI'; its channels: 0 FLAIR (FLAIR), 1 T1 (T1)" in capsys.readouterr().err
+    assert main([*args, "--drop-channel", "4"]) == 2
+    assert "channel 4 (counting from 0): dataset 'BrainMR' has 4 channel(s)" in capsys.readouterr().err
+
+    plain = make_model_dir(tmp_path / "plain", brain, spacing=(4.0, 4.0, 4.0), layout="adaptation", in_channels=4)
+    assert evaluate_model(plain, **fast).rows  # all channels: fine
+    with pytest.raises(ConfigError, match=r"drop channel 'T1c': this model's first convolution reads every channel "
+                                          r"\(model.channel_fusion: none\)"):
+        evaluate_model(plain, drop_channel="T1c", **fast)
+
+
+def test_dropping_the_only_channel_of_a_dataset_is_an_error(tmp_path: Path) -> None:
+    from hermes.evaluation.evaluate import evaluate_model
+    from hermes.inference.channels import without_channel
+
+    folder = _brats_dataset(tmp_path)
+    datasets = (("BrainMR", ("FLAIR", "T1", "T1c", "T2"), ("edema", "tumour"), folder),
+                ("CTSet", "CT", ("liver",), folder))
+    model = make_model_dir(tmp_path / "m", datasets, layout="adaptation", channel_fusion="mean")
+    with pytest.raises(DataError, match="dataset 'CTSet' has one channel, which would leave nothing; select the "
+                                        r"multi-channel datasets \(--datasets\)"):
+        evaluate_model(model, drop_channel="T2", device="cpu", progress=False)
+    image = without_channel(Image(np.zeros((4, 4, 4, 4), np.float32), np.eye(4)), 1)
+    assert isinstance(image, PartialImage) and image.channels == (0, 2, 3) and image.array.shape == (4, 4, 4, 3)
+    alone = without_channel(without_channel(image, 0), 3)
+    assert alone.channels == (2,) and alone.array.shape == (4, 4, 4)
+    with pytest.raises(DataError, match="channel 2 is its only channel"):
+        without_channel(alone, 2)
+
+
+# ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow

@@ -118,3 +118,46 @@ def preprocess_present(
 def image_source(paths: Sequence[Path | None]) -> Path:
     """The first given file of a case (its name and geometry stand for the case)."""
     return next(p for p in paths if p is not None)
+
+
+def resolve_channel(entry: DatasetEntry, channel: str | int) -> int:
+    """The number of ``entry``'s channel named ``channel``: its number (``2`` or ``"2"``), its
+    dataset.json name (``t1gd``) or its modality (``T1c``), case-insensitive."""
+    count = entry.num_channels
+    if isinstance(channel, int) or str(channel).strip().isdigit():
+        number = int(channel)
+        if number >= count:
+            raise DataError(
+                f"channel {number} (counting from 0): dataset {entry.name!r} has {count} channel(s) "
+                f"({', '.join(entry.channel_names)})"
+            )
+        return number
+    key = str(channel).strip().lower()
+    matches = [
+        number
+        for number, (name, modality) in enumerate(zip(entry.channel_names, entry.channel_modalities))
+        if key in (name.lower(), modality.lower())
+    ]
+    if not matches:
+        shown = ", ".join(f"{n} {name} ({mod})" for n, (name, mod) in
+                          enumerate(zip(entry.channel_names, entry.channel_modalities)))
+        raise DataError(f"dataset {entry.name!r} has no channel {channel!r}; its channels: {shown}")
+    if len(matches) > 1:
+        raise DataError(
+            f"channel {channel!r} names channels {', '.join(map(str, matches))} of dataset {entry.name!r}; "
+            "give the channel number"
+        )
+    return matches[0]
+
+
+def without_channel(image: Image, number: int) -> PartialImage:
+    """``image`` less its dataset channel ``number`` (a file per channel or one 4D file): a
+    :class:`PartialImage` of the other channels, predicted as an input that lacks that channel."""
+    numbers = channel_numbers(image)
+    if number not in numbers:
+        raise DataError(f"{image.path or 'the image'}: has no channel {number} (it has {', '.join(map(str, numbers))})")
+    keep = [i for i, n in enumerate(numbers) if n != number]
+    if not keep:
+        raise DataError(f"{image.path or 'the image'}: channel {number} is its only channel; nothing would be left")
+    array = image.array[..., keep] if len(keep) > 1 else image.array[..., keep[0]]
+    return PartialImage(np.ascontiguousarray(array), image.affine, image.path, channels=tuple(numbers[i] for i in keep))
