@@ -140,9 +140,13 @@ class _Strict(BaseModel):
 
 def migrate_model_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved model config in today's schema: keys added since are filled with the value that
-    reproduces the saved network (a model saved before ``prototype_logit`` existed used "dot")."""
+    reproduces the saved network (a model saved before ``prototype_logit`` existed used "dot",
+    one saved before ``channel_fusion`` its plain first convolution, "none", one saved before
+    ``feature_head`` the bare decoder features, "linear")."""
     migrated = dict(saved)
     migrated.setdefault("prototype_logit", "dot")
+    migrated.setdefault("channel_fusion", "none")
+    migrated.setdefault("feature_head", "linear")
     return migrated
 
 

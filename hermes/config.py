@@ -73,13 +73,27 @@ Architecture = Literal[
     "swinunetr",  # MONAI SwinUNETR adapter
 ]
 FusionStage = Literal["enc2", "enc3", "bottleneck", "dec1", "dec2"]
+# Architectures with the per-channel stem of `channel_fusion: mean` (hermes/models/channel_stem.py).
+CHANNEL_FUSION_ARCHITECTURES = ("hermes_resunet", "resunet")
 
 
 class ModelConfig(Strict):
     architecture: Architecture = "hermes_resunet"
     # Named size: tiny (CPU tests/demo), small, base (the paper: widths 32..320, ~61M params).
     preset: Literal["tiny", "small", "base"] = "tiny"
+    # Input channels of the plain first convolution (channel_fusion: none). Every training
+    # dataset must then have exactly this many channels.
     in_channels: int = 1
+    # How the input channels enter the network (docs/architecture.md, "Input channels"):
+    # "none": one plain convolution over `in_channels` stacked channels (every channel needed,
+    # one fixed channel count); "mean": one shared stem runs on each channel separately,
+    # conditioned on that channel's modality, and the features are averaged over the channels
+    # present (HeMIS-style), so datasets with 1, 2 or 4 channels train one model and a missing
+    # channel at prediction is left out of the mean. Hermes-R and resunet only. The default
+    # stays "none": it is the network every measured recipe (demo, benchmarks) used, the value
+    # every model saved before the option loads as, and what the other architectures offer;
+    # set "mean" for a catalog whose datasets have different channel counts.
+    channel_fusion: Literal["none", "mean"] = "none"
     # Optional overrides of the preset (None keeps the preset's value).
     widths: list[int] | None = None
     blocks_per_stage: list[int] | None = None
@@ -125,6 +139,19 @@ class ModelConfig(Strict):
             raise ValueError("a Hermes architecture needs at least one fusion stage")
         if hermes and not self.task_conditioned_features and not self.modality_priors:
             raise ValueError("task_conditioned_features: false needs modality_priors (nothing left to read)")
+        if self.in_channels < 1:
+            raise ValueError("in_channels must be at least 1")
+        if self.channel_fusion == "mean":
+            if self.architecture not in CHANNEL_FUSION_ARCHITECTURES:
+                raise ValueError(
+                    f"channel_fusion: mean is implemented for {', '.join(CHANNEL_FUSION_ARCHITECTURES)}, "
+                    f"not {self.architecture} (use channel_fusion: none)"
+                )
+            if self.in_channels != 1:
+                raise ValueError(
+                    "in_channels applies to channel_fusion: none; with channel_fusion: mean the stem reads "
+                    "each channel on its own (any count per dataset): leave in_channels at 1"
+                )
         return self
 
 
@@ -172,6 +199,15 @@ class DataConfig(Strict):
     # 0.2: one sample in five, enough for the unknown path to be trained every few steps while
     # 80% of the steps keep the given-modality prompt that evaluation and --modality use.
     modality_dropout: float = Field(default=0.2, ge=0.0, le=1.0)
+    # Channel dropout: each channel of a multi-channel sample is left out of the model's input
+    # (its channel_mask entry set False) with this probability, never all channels of a sample
+    # (if every channel is drawn, one of them, chosen at random, stays). A missing sequence at
+    # prediction is then an input the model has trained on. Acts only with
+    # model.channel_fusion: mean (a plain first convolution needs every channel) and only on
+    # samples with several channels. 0.25: a 4-sequence sample keeps all four channels in 32%
+    # of the draws (0.75^4) and misses one in 42%, so the complete input that evaluation uses
+    # stays the most frequent case while every one-missing combination is trained.
+    channel_dropout: float = Field(default=0.25, ge=0.0, le=1.0)
     num_workers: int = 2
     # Cases held out from each dataset's training split for validation during training.
     val_fraction: float = 0.1

@@ -16,15 +16,18 @@ from hermes.data.normalization import ChannelNorm
 from hermes.data.preprocess import PreprocessPlan
 from hermes.models.registry import build_model, save_model
 
-# (dataset name, modality, label names, dataset folder or None)
-DatasetDef = tuple[str, str, Sequence[str], Path | None]
+# (dataset name, modality, label names, dataset folder or None); a tuple of modalities is a
+# multi-channel dataset (one channel each, the first is the dataset's modality)
+DatasetDef = tuple[str, str | tuple[str, ...], Sequence[str], Path | None]
 
 
 def make_catalog(datasets: Sequence[DatasetDef]) -> Catalog:
     vocabulary = ModalityVocabulary.builtin()
     tasks: list[TaskSpec] = []
     entries: list[DatasetEntry] = []
-    for name, modality, labels, folder in datasets:
+    for name, modalities, labels, folder in datasets:
+        channels = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+        modality = channels[0]
         ids = []
         for label in labels:
             ids.append(len(tasks))
@@ -37,7 +40,8 @@ def make_catalog(datasets: Sequence[DatasetDef]) -> Catalog:
                 modality=modality,
                 modality_id=vocabulary.id(modality),
                 family=vocabulary.family(modality),
-                channel_names=(modality,),
+                channel_names=channels,
+                channel_modalities=tuple(vocabulary.lookup(c) for c in channels),
                 labels={"background": 0, **{label: i for i, label in enumerate(labels, start=1)}},
                 task_ids=ids,
                 label_values=[(i,) for i in range(1, len(labels) + 1)],
@@ -68,8 +72,11 @@ def make_model_dir(
     model = build_model(config, catalog.num_tasks, catalog.num_modalities, own, patch_size)
     plans = {}
     for entry in catalog.datasets:
-        norm = ChannelNorm("ct", ct_mean=40.0, ct_std=300.0) if entry.family == "ct" else ChannelNorm(entry.family)
-        plans[entry.name] = PreprocessPlan(entry.name, entry.modality, tuple(spacing), (norm,)).to_dict()  # type: ignore[arg-type]
+        norms = tuple(
+            ChannelNorm("ct", ct_mean=40.0, ct_std=300.0) if family == "ct" else ChannelNorm(family)
+            for family in (catalog.vocabulary.family(m) for m in entry.channel_modalities)
+        )
+        plans[entry.name] = PreprocessPlan(entry.name, entry.modality, tuple(spacing), norms).to_dict()  # type: ignore[arg-type]
     if layout == "trainer":  # what hermes.training.plan.model_bundle writes
         by_modality: dict[str, dict] = {}
         for entry in catalog.datasets:
@@ -88,6 +95,6 @@ def make_model_dir(
     save_model(directory, model, bundle)
     if all(folder is not None for *_, folder in datasets):
         catalog_yaml = {"datasets": [{"path": str(folder), "name": name, "modality": modality}
-                                     for name, modality, _, folder in datasets]}
+                                     for name, modality, _, folder in datasets if isinstance(modality, str)]}
         catalog_path(directory).write_text(yaml.safe_dump(catalog_yaml))
     return directory

@@ -45,3 +45,25 @@ def test_demo_cli_is_registered(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--out" in capsys.readouterr().out
+
+
+def test_demo_datasets_flag_passes_through(monkeypatch, tmp_path) -> None:
+    from pathlib import Path
+
+    import hermes.cli.demo as demo
+    from hermes.cli import build_parser
+
+    args = build_parser("demo").parse_args(["demo", "--out", str(tmp_path), "--datasets", "108", "BrainT1", "--steps", "3"])
+    assert args.datasets == ["108", "BrainT1"] and args.steps == 3
+    assert build_parser("demo").parse_args(["demo"]).datasets is None  # the default cohort
+    seen = {}
+
+    def fake_run_demo(out, **kwargs):
+        seen.update(kwargs, out=out)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    with pytest.raises(SystemExit):
+        demo.run(args)
+    assert seen["datasets"] == ["108", "BrainT1"] and seen["train_overrides"] == {"steps": 3}
+    assert Path(seen["out"]) == tmp_path

@@ -131,15 +131,22 @@ def test_modality_names() -> None:
     assert canonical_modality("SUV") == canonical_modality("pet") == "PET"
     assert canonical_modality("T1w") == "T1" and canonical_modality("t2-w") == "T2"
     assert canonical_modality("flair") == "FLAIR" and canonical_modality("Cine") == "cine"
-    for vague in ("MRI", "MR", "ADC", "noNorm", "zscore", "whatever"):
+    # multi-sequence MR channels: BraTS's "t1gd"/"T1ce", prostate's "ADC", diffusion
+    assert canonical_modality("t1gd") == canonical_modality("T1ce") == canonical_modality("T1-Gd") == "T1c"
+    assert canonical_modality("ADC") == "ADC" and canonical_modality("dwi") == "DWI"
+    for vague in ("MRI", "MR", "noNorm", "zscore", "whatever"):
         assert canonical_modality(vague) == "unknown"
     vocab = ModalityVocabulary.builtin()
-    assert vocab.names == ["CT", "PET", "T1", "T2", "FLAIR", "LGE", "cine"]
-    assert vocab.id("ct") == 0 and vocab.id("MRI") == vocab.unknown_id == 7
-    assert vocab.family("SUV") == "pet" and vocab.family("T2w") == "mr"
-    assert vocab.add("DWI", "mr") == 7 and vocab.unknown_id == 8 and vocab.id("dwi") == 7
+    # the original seven keep their ids; the multi-channel sequences follow
+    assert vocab.names == ["CT", "PET", "T1", "T2", "FLAIR", "LGE", "cine", "T1c", "ADC", "DWI"]
+    assert vocab.id("ct") == 0 and vocab.id("MRI") == vocab.unknown_id == 10
+    assert vocab.family("SUV") == "pet" and vocab.family("T2w") == "mr" and vocab.family("t1gd") == "mr"
+    assert vocab.add("SWI", "mr") == 10 and vocab.unknown_id == 11 and vocab.id("swi") == 10
     with pytest.raises(ConfigError):
-        vocab.add("DWI", "ct")
+        vocab.add("SWI", "ct")
+    # a vocabulary saved before T1c existed (an older model's) keeps calling it unknown
+    old = ModalityVocabulary.from_names(["CT", "PET", "T1", "T2", "FLAIR", "LGE", "cine"])
+    assert old.lookup("t1gd") == "unknown" and old.id("ADC") == old.unknown_id == 7
     with pytest.raises(ConfigError):
         vocab.add("X", "xray")
     assert ModalityVocabulary.from_dict(vocab.to_dict()).names == vocab.names

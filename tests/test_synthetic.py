@@ -203,3 +203,32 @@ def test_cohort_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "Dataset105_BrainT1" in capsys.readouterr().out
     with pytest.raises(ConfigError):
         cli.run(parser.parse_args(["--out", str(tmp_path), "--datasets", "nope"]))
+
+
+def test_multi_sequence_brain_mr_is_four_channels_of_one_phantom(tmp_path: Path) -> None:
+    """The optional BraTS-like dataset: FLAIR/T1/T1c/T2 of the same head on one grid, named as
+    MSD's dataset.json names them; the tumour enhances on T1c, the oedema is brightest on FLAIR;
+    only generated when named."""
+    spec = select_datasets(["BrainTumourMR"])[0]
+    assert spec not in list_synthetic_datasets() and spec in list_synthetic_datasets(include_optional=True)
+    assert spec not in select_datasets(None)
+    (folder,) = generate_cohort(tmp_path, scale=0.5, datasets=["108"], cases=2, test_cases=1, progress=False)
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+    assert meta["labels"] == {"background": 0, "edema": 1, "tumour": 2}
+    images = [load_image(folder / "imagesTr" / f"braintumourmr_000_{c:04d}.nii.gz") for c in range(4)]
+    label = load_image(folder / "labelsTr" / "braintumourmr_000.nii.gz")
+    for image in images:
+        assert image.array.shape == label.array.shape
+        np.testing.assert_allclose(image.affine, label.affine)
+    assert (label.array == 1).sum() > 0 and (label.array == 2).sum() > 0
+    flair, t1, t1c, _t2 = (np.asarray(i.array, dtype=np.float64) for i in images)
+
+    def median(image: np.ndarray, value: int) -> float:
+        return float(np.median(image[label.array == value]))
+
+    # (each sequence has its own scale: compare tissues within one image)
+    assert median(t1c, 2) > 1.5 * median(t1c, 1) and median(t1, 2) < median(t1, 1)  # enhancing tumour
+    case = make_case(spec, "train", 0, seed=0, scale=0.5)
+    wm = case.phantom.tissue == Tissue.WHITE_MATTER
+    assert median(flair, 1) > 1.5 * float(np.median(case.channels[0][wm]))

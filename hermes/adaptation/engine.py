@@ -41,6 +41,7 @@ from hermes.adaptation.warm_start import (
 from hermes.bundle import SPEC_FILE, AdaptationRecord, ModelBundle, Preprocessing, catalog_path
 from hermes.config import AdaptationConfig, DataConfig
 from hermes.data.catalog import Catalog, load_catalog
+from hermes.data.sampling import model_data_config
 from hermes.errors import ConfigError, DataError, ModelError
 from hermes.runtime import resolve_amp, to_device
 from hermes.training.step import ExtraLoss, train_step
@@ -164,6 +165,14 @@ def prepare(config: AdaptationConfig, device: torch.device | str = "cpu", base: 
         raise ConfigError(f"{config.catalog}: no dataset to train on (all are test_only)")
 
     network = base.bundle.network
+    model_config = network.config
+    if model_config.channel_fusion == "none":
+        wrong = [e for e in catalog.datasets if e.name in train_names and e.num_channels != model_config.in_channels]
+        if wrong:
+            raise ConfigError(
+                f"the base model reads {model_config.in_channels} channel(s) through a plain first convolution "
+                f"(model.channel_fusion: none); {', '.join(f'{e.name} has {e.num_channels}' for e in wrong)}"
+            )
     own: list[int] | None = None
     if not base.is_universal:
         own = sorted({t for entry in catalog.datasets if entry.name in train_names for t in entry.task_ids})
@@ -200,13 +209,15 @@ def prepare(config: AdaptationConfig, device: torch.device | str = "cpu", base: 
 # Data
 # --------------------------------------------------------------------------------------------
 def data_config_for(config: AdaptationConfig, base: BaseModel) -> DataConfig:
-    """The adaptation run's data settings: the config's, else defaults at the model's patch size."""
+    """The adaptation run's data settings: the config's, else defaults at the model's patch size
+    (channel dropout only for a model that takes missing channels: ``model_data_config``)."""
+    model = base.bundle.network.config
     if config.data is not None:
-        return config.data
+        return model_data_config(config.data, model)
     try:
-        return DataConfig(patch_size=base.bundle.patch_size)
+        return model_data_config(DataConfig(patch_size=base.bundle.patch_size), model)
     except ModelError:  # a model saved without a patch size: DataConfig's default
-        return DataConfig()
+        return model_data_config(DataConfig(), model)
 
 
 def choose_cases(
@@ -255,7 +266,23 @@ def concat_batches(a: dict[str, Any], b: dict[str, Any], null_task_id: int) -> d
             ),
         }
 
-    a, b = pad(a), pad(b)
+    def pad_channels(batch: dict[str, Any], c: int) -> dict[str, Any]:
+        """Zero image channels up to ``c``, masked (as collate_batch pads mixed channel counts)."""
+        extra = c - batch["image"].shape[1]
+        if extra == 0 or "channel_mask" not in batch:
+            return batch
+        n = batch["image"].shape[0]
+        image = batch["image"]
+        ids = batch["channel_ids"]
+        return {
+            **batch,
+            "image": torch.cat([image, image.new_zeros((n, extra, *image.shape[2:]))], dim=1),
+            "channel_ids": torch.cat([ids, batch["modality_id"].view(n, 1).expand(n, extra).to(ids.dtype)], dim=1),
+            "channel_mask": torch.cat([batch["channel_mask"], batch["channel_mask"].new_zeros((n, extra))], dim=1),
+        }
+
+    c = max(a["image"].shape[1], b["image"].shape[1])
+    a, b = pad_channels(pad(a), c), pad_channels(pad(b), c)
     out: dict[str, Any] = {}
     for key in a:
         if isinstance(a[key], Tensor):

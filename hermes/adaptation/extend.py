@@ -42,6 +42,7 @@ from hermes.data.cache_lock import read_lock
 from hermes.data.catalog import Catalog
 from hermes.errors import ConfigError, DataError
 from hermes.fileio import atomic_directory, atomic_write_json
+from hermes.models.channel_stem import channel_inputs
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +169,14 @@ class Distiller:
         old_modality = torch.tensor(
             [self._old_modality(int(m)) for m in merged_modality.tolist()], dtype=torch.long, device=device
         )
+        teacher_channels = channel_inputs(self.teacher, batch, index=index)
+        if teacher_channels:  # merged modality ids -> the base model's (a new modality is unknown to it)
+            old_unknown = self.old_catalog.unknown_modality_id
+            ids = teacher_channels["channel_ids"]
+            teacher_channels["channel_ids"] = torch.where(ids < old_unknown, ids, torch.full_like(ids, old_unknown))
         with torch.no_grad():
-            target = torch.sigmoid(self.teacher(image, ids_old, old_modality, mask).logits.float())
-        logits = model(image, ids_new, merged_modality, mask).logits.float()
+            target = torch.sigmoid(self.teacher(image, ids_old, old_modality, mask, **teacher_channels).logits.float())
+        logits = model(image, ids_new, merged_modality, mask, **channel_inputs(model, batch, index=index)).logits.float()
         if self.kind == "bce":
             per_voxel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         else:

@@ -71,11 +71,15 @@ def merge_catalogs(old: Catalog, new: Catalog) -> MergedCatalog:
             "if they are different data)"
         )
 
-    # Modalities: old vocabulary is a prefix of the merged one.
+    # Modalities: old vocabulary is a prefix of the merged one. A name is added if the new data
+    # uses it (a dataset's or a channel's modality) or its catalog declares it (`modalities:`),
+    # not merely because today's built-in list has it (T1c, ADC, DWI joined it later).
     vocabulary = ModalityVocabulary.from_names(old.vocabulary.names, old.vocabulary.families)
+    used = {m for entry in new.datasets for m in (entry.modality, *entry.channel_modalities)}
+    declared = set((new.spec or {}).get("modalities") or {})
     added_modalities: list[int] = []
     for name in new.vocabulary.names:
-        if vocabulary.lookup(name) == UNKNOWN:
+        if vocabulary.lookup(name) == UNKNOWN and (name in used or name in declared):
             added_modalities.append(vocabulary.add(name, new.vocabulary.families[name]))
 
     # Tasks: old ones keep their ids; new names are appended in the new catalog's order.
@@ -100,6 +104,9 @@ def merge_catalogs(old: Catalog, new: Catalog) -> MergedCatalog:
             vocabulary.lookup(entry_modality)
         )
 
+    def merged_name(entry_modality: str) -> str:
+        return entry_modality if entry_modality == UNKNOWN else vocabulary.lookup(entry_modality)
+
     datasets: list[DatasetEntry] = [
         replace(entry, task_ids=list(entry.task_ids), modality_id=modality_id(entry.modality))
         for entry in old.datasets
@@ -110,7 +117,8 @@ def merge_catalogs(old: Catalog, new: Catalog) -> MergedCatalog:
                 entry,
                 task_ids=[task_map[t] for t in entry.task_ids],
                 modality_id=modality_id(entry.modality),
-                modality=entry.modality if entry.modality == UNKNOWN else vocabulary.lookup(entry.modality),
+                modality=merged_name(entry.modality),
+                channel_modalities=tuple(merged_name(m) for m in entry.channel_modalities),
             )
         )
 

@@ -2,7 +2,9 @@
 
 A Hermes model's only task- or modality-sized parameters are the prior pools of every fusion
 stage (``task_tokens`` (T + 1, C), row T = NULL; ``modality_tokens`` (M + 1, L, C), entry M =
-UNKNOWN) and the modality classifier's last layer (M outputs). Everything else (backbone,
+UNKNOWN), the modality classifier's last layer (M outputs) and, with ``channel_fusion: mean``,
+the per-channel stem's modality FiLM table (``channel_embedding``, (M + 1, 2w), row M = UNKNOWN,
+grown like the modality pools). Everything else (backbone,
 fusion blocks, prototype head) has the same shape whatever T and M are, so it is copied as is.
 
 Old rows are copied **bit-exactly** to the same ids (the merged catalog keeps old ids), NULL
@@ -34,6 +36,8 @@ TASK_POOL_SUFFIX = "task_tokens"
 # Tensors with one row per task id + the null row, grown like the task token pools.
 TASK_ROW_SUFFIXES = (TASK_POOL_SUFFIX, "logit_calibration.log_scale", "logit_calibration.bias")
 MODALITY_POOL_SUFFIX = "modality_tokens"
+# Tensors with one row per modality id + the unknown row, grown like the modality token pools.
+MODALITY_ROW_SUFFIXES = (MODALITY_POOL_SUFFIX, "channel_embedding.weight")
 MEAN_INIT_JITTER = 0.1
 
 
@@ -170,7 +174,7 @@ def warm_start_state(
             out[key] = fresh.clone()
             reinitialised.append(key)
             continue
-        is_pool = key.endswith((*TASK_ROW_SUFFIXES, MODALITY_POOL_SUFFIX))
+        is_pool = key.endswith((*TASK_ROW_SUFFIXES, *MODALITY_ROW_SUFFIXES))
         if is_pool and old.shape[1:] != fresh.shape[1:]:
             raise ModelError(
                 f"prior pool {key!r} has token shape {tuple(old.shape[1:])} in the base model and "
@@ -178,7 +182,7 @@ def warm_start_state(
             )
         if key.endswith(TASK_ROW_SUFFIXES) and old.shape[0] == plan.old_num_tasks + 1:
             out[key] = _grow_pool(old, fresh, plan.old_num_tasks, plan.new_num_tasks, plan.task_rows)
-        elif key.endswith(MODALITY_POOL_SUFFIX) and old.shape[0] == plan.old_num_modalities + 1:
+        elif key.endswith(MODALITY_ROW_SUFFIXES) and old.shape[0] == plan.old_num_modalities + 1:
             out[key] = _grow_pool(
                 old, fresh, plan.old_num_modalities, plan.new_num_modalities, plan.modality_rows
             )

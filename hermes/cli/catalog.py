@@ -72,7 +72,7 @@ def render(catalog: Catalog, presence: list[TaskPresence] | None = None) -> str:
         f"(id {catalog.unknown_modality_id})"
     )
     lines.append("")
-    rows = [["dataset", "folder", "modality", "id", "train", "test", "tasks"]]
+    rows = [["dataset", "folder", "modality", "id", "channels", "train", "test", "tasks"]]
     for entry in catalog.datasets:
         rows.append(
             [
@@ -80,6 +80,8 @@ def render(catalog: Catalog, presence: list[TaskPresence] | None = None) -> str:
                 entry.folder,
                 entry.modality,
                 str(entry.modality_id),
+                # each channel's modality (the per-channel stem's conditioning), when several
+                "+".join(entry.channel_modalities) if entry.num_channels > 1 else "1",
                 "test only" if entry.test_only else str(entry.num_train),
                 str(entry.num_test),
                 str(len(entry.task_ids)),

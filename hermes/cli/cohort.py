@@ -21,7 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"voxels per axis relative to the default (~64-96^3), {POSITIVE_FLOAT}; 0.5 for quick tests, 2 for "
         "large volumes",
     )
-    parser.add_argument("--datasets", nargs="+", metavar="NAME", help="subset by name, short name or number (e.g. 101 LiverCT)")
+    parser.add_argument(
+        "--datasets", nargs="+", metavar="NAME",
+        help="subset by name, short name or number (e.g. 101 LiverCT); also selects datasets outside the default "
+        "cohort (108 BrainTumourMR, 4-channel brain MR)",
+    )
     parser.add_argument(
         "--cases", type=POSITIVE_INT,
         help=f"training cases per dataset, {POSITIVE_INT} (default: each dataset's own number)",
@@ -31,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"test cases per dataset, {NON_NEGATIVE_INT} (default: each dataset's own number)",
     )
     parser.add_argument("--preview", action="store_true", help="also write OUT/previews/<dataset>.png (slices + labels)")
-    parser.add_argument("--list", action="store_true", help="describe the datasets without generating anything")
+    parser.add_argument(
+        "--list", action="store_true",
+        help="describe the datasets without generating anything (every dataset, the default column says which "
+        "are generated without --datasets)",
+    )
     parser.add_argument(
         "--overwrite", action="store_true",
         help="replace dataset folders under --out generated with other parameters (default: refuse; folders "
@@ -62,15 +70,17 @@ def describe_cohort(folders: list[Path]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from hermes.synthetic.cohort import generate_cohort
-    from hermes.synthetic.datasets import select_datasets
+    from hermes.synthetic.datasets import list_synthetic_datasets, select_datasets
 
     specs = select_datasets(args.datasets)
     if args.list:
+        listed = specs if args.datasets else list_synthetic_datasets(include_optional=True)
         rows = [
             {
                 "dataset": s.name,
+                "default": "yes" if s.default else "no",
                 "mimics": s.mimics,
-                "modality": s.modality,
+                "modality": "+".join(s.sequences),
                 "train": s.n_train,
                 "test": s.n_test,
                 "shape": "x".join(map(str, s.shape_for(args.scale))),
@@ -78,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 "orientation": s.orientation,
                 "labels": ", ".join(s.label_names),
             }
-            for s in specs
+            for s in listed
         ]
         print(text_table(rows))
         return 0

@@ -84,6 +84,7 @@ def run_demo(
     from hermes.evaluation.evaluate import evaluate_model, format_table, write_outputs
     from hermes.evaluation.report import overlay_files
     from hermes.synthetic import generate_cohort
+    from hermes.synthetic.datasets import select_datasets
     from hermes.training.checkpoint import checkpoint_path
     from hermes.training.trainer import train
 
@@ -112,7 +113,12 @@ def run_demo(
     done("prepare")
 
     stage("train")
-    config = load_train_config(write_train_config(out, {"seed": seed, **(train_overrides or {})}))
+    overrides: dict[str, Any] = {"seed": seed, **(train_overrides or {})}
+    if any(len(spec.sequences) > 1 for spec in select_datasets(list(datasets) if datasets else None)):
+        # a multi-channel dataset next to single-channel ones (e.g. 108 BrainTumourMR): the
+        # per-channel stem (docs/architecture.md, "Input channels"), unless the caller chose
+        overrides["model"] = {"channel_fusion": "mean", **overrides.get("model", {})}
+    config = load_train_config(write_train_config(out, overrides))
     resume = checkpoint_path(config.output).is_file()
     result = train(config, resume=resume, progress=progress)
     done("train")
@@ -137,13 +143,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=POSITIVE_INT, help=f"training steps, {POSITIVE_INT} (default: the cpu-demo preset's)"
     )
+    parser.add_argument(
+        "--datasets", nargs="+", metavar="NAME",
+        help="synthetic datasets by folder name, short name or number (default: the default cohort); naming "
+        "the 4-channel 108 BrainTumourMR trains with model.channel_fusion: mean",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = {"steps": args.steps} if args.steps else None
     start = time.perf_counter()
-    result = run_demo(args.out, seed=args.seed, train_overrides=overrides, progress=not args.quiet)
+    result = run_demo(args.out, seed=args.seed, datasets=args.datasets, train_overrides=overrides,
+                      progress=not args.quiet)
     total = time.perf_counter() - start
     print()
     print("Test-set Dice per dataset and task (native image grid, oracle prompts):")

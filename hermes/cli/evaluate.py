@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                        help="autocast precision of the sliding window (default auto: bf16 where native)")
     model.add_argument("--overlap", type=FRACTION, default=None, help=f"sliding-window overlap, {FRACTION} (default 0.5)")
+    model.add_argument(
+        "--drop-channel", metavar="NAME_OR_INDEX", default=None,
+        help="predict every case without this channel of its dataset (number from 0, dataset.json channel name "
+        "or modality, e.g. T1c): the Dice with that channel missing, through hermes predict's missing-channel path; "
+        "needs a model trained with model.channel_fusion: mean and multi-channel datasets (--datasets); "
+        "default -o: MODEL/evaluation_SPLIT_without_NAME",
+    )
     model.add_argument("--save-predictions", action="store_true", help="also write OUT/predictions/<dataset>/CASE.nii.gz")
     model.add_argument("--max-cases", type=POSITIVE_INT, default=None,
                        help=f"at most this many cases per dataset, {POSITIVE_INT} (quick checks)")
@@ -150,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
                 f"--choose-postprocessing decides on the validation cases (--split val); deciding on the {split} "
                 "split would tune the model on the data it is scored on"
             )
+        if args.choose_postprocessing and args.drop_channel is not None:
+            raise ConfigError("--choose-postprocessing decides on complete inputs; leave out --drop-channel")
         if args.choose_postprocessing and postprocessing_path(args.model).exists() and not args.overwrite:
             raise ConfigError(f"{postprocessing_path(args.model)} exists; pass --overwrite to decide it again")
         chosen = {"output": args.output_type, "precision": args.precision, "overlap": args.overlap}
@@ -159,16 +168,18 @@ def run(args: argparse.Namespace) -> int:
             mirror_tta=args.tta, postprocess=postprocess, **{k: v for k, v in chosen.items() if v is not None}
         )
         chooser = Chooser() if args.choose_postprocessing else None
-        out = args.out or args.model / f"evaluation_{split}"
+        without = f"_without_{_safe(args.drop_channel)}" if args.drop_channel is not None else ""
+        out = args.out or args.model / f"evaluation_{split}{without}"
         check_results_absent(out, args.overwrite)
         result = evaluate_model(
             args.model, args.catalog, split=split, datasets=args.datasets, inference=inference, config=config,
             device=None if args.device == "auto" else args.device, detect_modality=args.detect_modality,
             overlays=args.report, save_predictions=out / "predictions" if args.save_predictions else None,
             progress=not args.quiet, max_cases=args.max_cases, ignore_undeclared=args.ignore_undeclared,
-            inspect=chooser,
+            inspect=chooser, drop_channel=args.drop_channel,
         )
-        title = f"Evaluation of {args.model} ({split} split)"
+        missing = f", without channel {args.drop_channel}" if args.drop_channel is not None else ""
+        title = f"Evaluation of {args.model} ({split} split{missing})"
         if chooser is not None:
             source = {"split": split, "datasets": sorted({row["dataset"] for row in result.rows}),
                       "output": inference.output, "tta": inference.mirror_tta}
@@ -183,6 +194,11 @@ def run(args: argparse.Namespace) -> int:
     written = "metrics.csv, summary.json" + (", report.html" if args.report else "")
     print(f"\nwrote {written} to {out}")
     return 0
+
+
+def _safe(name: str) -> str:
+    """A channel name as part of a folder name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _fmt(value: float | None) -> str:

@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", required=True, help="saved model directory (hermes train output)")
     parser.add_argument(
         "-i", "--input", required=True,
-        help="image file (.nii/.nii.gz/.nrrd/.mha), DICOM series folder, or folder of images (CASE_0000.nii.gz ...)",
+        help="image file (.nii/.nii.gz/.nrrd/.mha), DICOM series folder, or folder of images (CASE_0000.nii.gz ...; "
+        "one file per channel, CASE_0000, CASE_0001, ...: a channel number left out is a missing channel, "
+        "predicted without by a model trained with model.channel_fusion: mean)",
     )
     parser.add_argument(
         "-o", "--out", dest="output_path", metavar="OUTPUT", required=True,

@@ -196,10 +196,10 @@ def _init_worker() -> None:
 # --------------------------------------------------------------------------------------------
 def channel_families(entry: DatasetEntry, catalog: Catalog) -> list[str]:
     """Normalisation family per channel: the dataset's modality for a single channel, the
-    channel's own name otherwise (a PET/CT dataset normalises its CT and PET differently)."""
+    channel's own modality otherwise (a PET/CT dataset normalises its CT and PET differently)."""
     if entry.num_channels == 1:
         return [entry.family]
-    return [catalog.vocabulary.family(name) for name in entry.channel_names]
+    return [catalog.vocabulary.family(modality) for modality in entry.channel_modalities]
 
 
 def median_spacing(spacings: list[list[float]], config: PreprocessConfig) -> tuple[float, float, float]:

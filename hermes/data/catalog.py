@@ -6,7 +6,8 @@ A catalog is a YAML file (format and examples in docs/data.md)::
     datasets:
       - path: Dataset101_AbdomenCT       # relative to this file; nnU-Net v2 raw or MSD
         name: AbdomenCT                  # default: folder name without "DatasetNNN_"
-        modality: CT                     # default: from dataset.json's first channel name
+        modality: CT                     # default: the first channel's modality
+        channel_modalities: [FLAIR, T1, T1c, T2]   # per channel; default: dataset.json's names
         labels: [liver, kidney]          # default: every foreground label
         nested_tasks: {kidney_all: [kidney, kidney_tumour]}   # a task = a union of labels
         tasks: {liver: liver_ct}         # rename a task; equal names across datasets = shared
@@ -66,6 +67,7 @@ class _DatasetSpec(BaseModel):
     path: str
     name: str | None = None
     modality: str | None = None
+    channel_modalities: list[str] | None = None
     labels: list[str | int] | None = None
     nested_tasks: dict[str, list[str | int]] = Field(default_factory=dict)
     tasks: dict[str, str] = Field(default_factory=dict)
@@ -117,7 +119,7 @@ class DatasetEntry:
     name: str  # short, unique in the catalog; the cache folder name
     path: Path  # absolute dataset folder
     folder: str  # folder name, e.g. "Dataset101_AbdomenCT"
-    modality: str  # vocabulary name or "unknown"
+    modality: str  # vocabulary name or "unknown": the dataset's modality prompt
     modality_id: int  # 0..M-1, or M for unknown
     family: str  # normalisation family of the modality: ct, pet or mr
     channel_names: tuple[str, ...]
@@ -136,6 +138,20 @@ class DatasetEntry:
     # Left/right task-id pairs swapped by a left-right mirror; None: no symmetry declared.
     mirror_pairs: tuple[tuple[int, int], ...] | None = None
     snomed: dict[str, str] = field(default_factory=dict)  # local task name -> SNOMED CT code
+    # Modality (vocabulary name or "unknown") of each channel, in channel order: what the
+    # per-channel stem of `model.channel_fusion: mean` is conditioned on. Empty: every channel
+    # has the dataset's modality (entries serialised before channel modalities existed: only
+    # `channel_fusion: none` models, which do not read them, were saved then).
+    channel_modalities: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.channel_modalities:
+            self.channel_modalities = (self.modality,) * len(self.channel_names)
+        if len(self.channel_modalities) != len(self.channel_names):
+            raise ConfigError(
+                f"dataset {self.name!r}: {len(self.channel_modalities)} channel modalities for "
+                f"{len(self.channel_names)} channels ({', '.join(self.channel_names)})"
+            )
 
     @property
     def num_channels(self) -> int:
@@ -158,6 +174,7 @@ class DatasetEntry:
             "modality_id": self.modality_id,
             "family": self.family,
             "channel_names": list(self.channel_names),
+            "channel_modalities": list(self.channel_modalities),
             "labels": dict(self.labels),
             "task_ids": list(self.task_ids),
             "label_values": [list(v) for v in self.label_values],
@@ -182,6 +199,7 @@ class DatasetEntry:
             modality_id=int(data["modality_id"]),
             family=str(data["family"]),
             channel_names=tuple(str(c) for c in data["channel_names"]),
+            channel_modalities=tuple(str(m) for m in data.get("channel_modalities") or ()),
             labels={str(k): int(v) for k, v in data["labels"].items()},
             task_ids=[int(t) for t in data["task_ids"]],
             label_values=[tuple(int(v) for v in values) for values in data["label_values"]],
@@ -270,6 +288,12 @@ class Catalog:
     def datasets_of_task(self, task_id: int) -> list[DatasetEntry]:
         return [entry for entry in self.datasets if task_id in entry.task_ids]
 
+    def channel_modality_ids(self, entry: DatasetEntry) -> list[int]:
+        """Model modality id of each of ``entry``'s channels (``M`` = unknown), from the names:
+        a merged catalog (hermes/adaptation/merge.py) renumbers ids, never names."""
+        vocabulary = self.vocabulary
+        return [vocabulary.unknown_id if m == UNKNOWN else vocabulary.id(m) for m in entry.channel_modalities]
+
     # ---- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Everything resolved, so :meth:`from_dict` needs no dataset folder (saved in caches/models)."""
@@ -332,6 +356,38 @@ def _label_value(labels: dict[str, int], item: str | int, where: str, json_path:
             f"(it has: {', '.join(k for k, v in labels.items() if v)})"
         )
     return str(item), labels[item]
+
+
+def _declared_modality(name: str, vocabulary: ModalityVocabulary, where: str) -> str:
+    """A modality the catalog states (``modality:``, ``channel_modalities:``): a vocabulary
+    name or ``unknown``; anything else is a typo, not a guess."""
+    if name == UNKNOWN:
+        return UNKNOWN
+    found = vocabulary.lookup(name)
+    if found == UNKNOWN:
+        raise ConfigError(
+            f"{where}: unknown modality {name!r}; known: {', '.join(vocabulary.names)}, "
+            f"'unknown', or declare it under `modalities:` with its family (ct, pet, mr)"
+        )
+    return found
+
+
+def _channel_modalities(
+    ds: _DatasetSpec, channel_names: tuple[str, ...], vocabulary: ModalityVocabulary, where: str
+) -> tuple[str, ...]:
+    """Each channel's modality: the catalog's ``channel_modalities`` (checked), else
+    dataset.json's channel names mapped to the vocabulary (a vague name gives ``unknown``)."""
+    if ds.channel_modalities is None:
+        return tuple(vocabulary.lookup(name) for name in channel_names)
+    if len(ds.channel_modalities) != len(channel_names):
+        raise ConfigError(
+            f"{where}.channel_modalities: {len(ds.channel_modalities)} names for the dataset's "
+            f"{len(channel_names)} channel(s) ({', '.join(channel_names)})"
+        )
+    return tuple(
+        _declared_modality(name, vocabulary, f"{where}.channel_modalities[{i}]")
+        for i, name in enumerate(ds.channel_modalities)
+    )
 
 
 def _annotation_settings(
@@ -413,17 +469,12 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
             )
         seen_paths[folder] = name
 
-        if ds.modality is None:
-            modality = vocabulary.lookup(info.channel_names[0])
-        elif ds.modality == UNKNOWN:
-            modality = UNKNOWN
-        else:
-            modality = vocabulary.lookup(ds.modality)
-            if modality == UNKNOWN:
-                raise ConfigError(
-                    f"{where}.modality: unknown modality {ds.modality!r}; known: {', '.join(vocabulary.names)}, "
-                    f"'unknown', or declare it under `modalities:` with its family (ct, pet, mr)"
-                )
+        channel_modalities = _channel_modalities(ds, info.channel_names, vocabulary, where)
+        modality = channel_modalities[0] if ds.modality is None else _declared_modality(
+            ds.modality, vocabulary, f"{where}.modality"
+        )
+        if len(channel_modalities) == 1 and ds.channel_modalities is None:
+            channel_modalities = (modality,)  # `modality:` names the one channel too
         family = "mr" if modality == UNKNOWN else vocabulary.families[modality]
 
         json_path = folder / "dataset.json"
@@ -489,6 +540,7 @@ def build_catalog(spec: dict[str, Any], base_dir: Path, source: str = "<catalog>
                 annotations=table,
                 annotations_path=table_path,
                 snomed=dict(ds.snomed),
+                channel_modalities=channel_modalities,
             )
         )
         raw = ds.model_dump(exclude_defaults=True)

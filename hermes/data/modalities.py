@@ -30,6 +30,12 @@ BUILTIN_MODALITIES: dict[str, Family] = {
     "FLAIR": "mr",
     "LGE": "mr",
     "cine": "mr",
+    # Added with multi-channel datasets (BraTS: FLAIR, T1, T1c, T2; prostate: T2 + ADC), after
+    # the original seven so that their ids did not move. All MR: per-volume z-score (ADC is in
+    # mm^2/s, but nnU-Net normalises it like any non-CT channel, and so do we).
+    "T1c": "mr",  # contrast-enhanced T1 (gadolinium): lesions that enhance are bright
+    "ADC": "mr",  # apparent diffusion coefficient map
+    "DWI": "mr",  # diffusion-weighted image (a high b-value)
 }
 
 # Aliases (compared after lower-casing and dropping spaces, '-', '_' and '.').
@@ -58,6 +64,19 @@ _ALIASES: dict[str, str] = {
     "cinemri": "cine",
     "bssfp": "cine",
     "ssfp": "cine",
+    "t1c": "T1c",
+    "t1ce": "T1c",
+    "t1gd": "T1c",
+    "t1wce": "T1c",
+    "t1post": "T1c",
+    "t1contrast": "T1c",
+    "t1gad": "T1c",
+    "cet1": "T1c",
+    "adc": "ADC",
+    "adcmap": "ADC",
+    "dwi": "DWI",
+    "diffusion": "DWI",
+    "hbv": "DWI",  # PI-CAI's high-b-value image
 }
 
 
@@ -73,8 +92,8 @@ def family_of_builtin(name: str) -> str | None:
 def canonical_modality(name: str) -> str:
     """Map a channel name from dataset.json to the built-in vocabulary or ``unknown``.
 
-    ``"CT"``, ``"ct"`` -> CT; ``"SUV"`` -> PET; ``"T1w"`` -> T1; ``"MRI"``, ``"ADC"``,
-    ``"zscore"``, ``"noNorm"`` -> unknown.
+    ``"CT"``, ``"ct"`` -> CT; ``"SUV"`` -> PET; ``"T1w"`` -> T1; ``"t1gd"`` -> T1c;
+    ``"ADC"`` -> ADC; ``"MRI"``, ``"zscore"``, ``"noNorm"`` -> unknown.
     """
     key = _key(name)
     if key in _ALIASES:

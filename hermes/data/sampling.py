@@ -14,6 +14,12 @@ own dataset's tasks (binary target channels built from the stored label values t
 catalog's label -> task mapping), the task list is padded per batch with the null task id and
 ``task_mask`` marks the real slots. ``loss_mask`` is ``task_mask`` minus the tasks the case is
 not annotated for (hermes/data/annotation.py): those stay in the prompt, out of the loss.
+
+Channels: datasets may have different channel counts (a 4-sequence brain MR next to 1-channel
+CT). The image is padded to the batch's largest count with zero channels; ``channel_mask``
+marks the real ones and ``channel_ids`` gives each channel's modality id (the catalog's
+``channel_modalities``). Channel dropout (``data.channel_dropout``) then masks some channels
+of multi-channel samples, never all of a sample's.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hermes.config import DataConfig
+from hermes.config import DataConfig, ModelConfig
 from hermes.data.annotation import cached_task_annotation
 from hermes.data.augment import augment_patch
 from hermes.data.cache import CachedCase, CacheIndex, load_cached_case
@@ -139,10 +145,6 @@ class PatchSampler:
         self.names = sorted(self.probabilities)
         self.p = np.array([self.probabilities[n] for n in self.names])
         self.p = self.p / self.p.sum()
-        channels = {self.entries[n].num_channels for n in self.names}
-        if len(channels) > 1:
-            detail = ", ".join(f"{n}: {self.entries[n].num_channels}" for n in self.names)
-            raise DataError(f"training datasets have different channel counts ({detail}); a model takes one input size")
         if not 0.0 <= config.foreground_fraction <= 1.0:
             raise ConfigError(f"data.foreground_fraction must be in [0, 1], got {config.foreground_fraction}")
         self._open: dict[tuple[str, str], CachedCase] = {}
@@ -238,6 +240,7 @@ class PatchSampler:
             "task_ids": torch.as_tensor(entry.task_ids, dtype=torch.int64),
             "annotated": torch.as_tensor(annotated, dtype=torch.bool),
             "modality_id": entry.modality_id,
+            "channel_ids": torch.as_tensor(self.catalog.channel_modality_ids(entry), dtype=torch.int64),
             "dataset_id": self.dataset_ids[dataset],
             "case_id": case_id,
         }
@@ -254,6 +257,7 @@ class PatchSampler:
         batch["modality_prompt_id"] = modality_prompt(
             rng, batch["modality_id"], self.config.modality_dropout, self.catalog.unknown_modality_id
         )
+        batch["channel_mask"] = drop_channels(rng, batch["channel_mask"], self.config.channel_dropout)
         return batch
 
 
@@ -266,15 +270,40 @@ def modality_prompt(rng: np.random.Generator, modality_id: torch.Tensor, rate: f
     return torch.where(drop, torch.full_like(modality_id, int(unknown_id)), modality_id)
 
 
+def drop_channels(rng: np.random.Generator, channel_mask: torch.Tensor, rate: float) -> torch.Tensor:
+    """``channel_mask`` with each present channel of a multi-channel sample masked with
+    probability ``rate`` (``data.channel_dropout``); a sample whose every channel is drawn keeps
+    one of them, chosen uniformly. Single-channel samples are never touched. ``rate`` 0 draws
+    nothing (the batch's random stream is then what it was before channel dropout existed)."""
+    if rate <= 0:
+        return channel_mask
+    drawn = torch.as_tensor(rng.random(tuple(channel_mask.shape)) < rate)
+    eligible = channel_mask.sum(dim=1, keepdim=True) > 1
+    kept = channel_mask & ~(drawn & eligible)
+    for b in torch.nonzero(~kept.any(dim=1) & channel_mask.any(dim=1)).flatten().tolist():
+        present = torch.nonzero(channel_mask[b]).flatten()
+        kept[b, present[int(rng.integers(len(present)))]] = True
+    return kept
+
+
 def collate_batch(samples: Sequence[Mapping[str, Any]], null_task_id: int) -> dict[str, Any]:
     """Stack samples, padding each task list to the batch maximum with the null task.
 
     ``loss_mask`` = ``task_mask`` and the sample's ``annotated`` flags (all True if absent).
     The model's prompt reads ``task_mask`` (an unannotated task is still context); the loss
-    reads ``loss_mask`` (it gets no loss and no gradient, like a padded slot)."""
+    reads ``loss_mask`` (it gets no loss and no gradient, like a padded slot).
+
+    Images with fewer channels than the batch's largest are padded with zero channels, masked
+    in ``channel_mask``; ``channel_ids`` is each channel's modality id (the sample's
+    ``channel_ids``, default its ``modality_id`` for every channel; padded slots repeat the
+    sample's modality id, a valid id that no model reads)."""
     n_tasks = max(len(s["task_ids"]) for s in samples)
+    n_channels = max(int(s["image"].shape[0]) for s in samples)
     patch = tuple(samples[0]["image"].shape[1:])
     batch = len(samples)
+    image = torch.zeros((batch, n_channels, *patch), dtype=torch.float32)
+    channel_ids = torch.zeros((batch, n_channels), dtype=torch.int64)
+    channel_mask = torch.zeros((batch, n_channels), dtype=torch.bool)
     target = torch.zeros((batch, n_tasks, *patch), dtype=torch.float32)
     task_ids = torch.full((batch, n_tasks), int(null_task_id), dtype=torch.int64)
     task_mask = torch.zeros((batch, n_tasks), dtype=torch.bool)
@@ -285,16 +314,33 @@ def collate_batch(samples: Sequence[Mapping[str, Any]], null_task_id: int) -> di
         task_ids[b, :k] = sample["task_ids"]
         task_mask[b, :k] = True
         loss_mask[b, :k] = torch.as_tensor(sample["annotated"], dtype=torch.bool) if "annotated" in sample else True
+        c = int(sample["image"].shape[0])
+        image[b, :c] = torch.as_tensor(sample["image"])
+        channel_ids[b] = int(sample["modality_id"])
+        if "channel_ids" in sample:
+            channel_ids[b, :c] = torch.as_tensor(sample["channel_ids"], dtype=torch.int64)
+        channel_mask[b, :c] = True
     return {
-        "image": torch.stack([s["image"] for s in samples]).to(torch.float32),
+        "image": image,
         "target": target,
         "task_ids": task_ids,
         "task_mask": task_mask,
         "loss_mask": loss_mask,
         "modality_id": torch.as_tensor([int(s["modality_id"]) for s in samples], dtype=torch.int64),
+        "channel_ids": channel_ids,
+        "channel_mask": channel_mask,
         "dataset_id": torch.as_tensor([int(s["dataset_id"]) for s in samples], dtype=torch.int64),
         "case_id": [str(s["case_id"]) for s in samples],
     }
+
+
+def model_data_config(data: DataConfig, model: ModelConfig) -> DataConfig:
+    """The data settings a model trains with: ``channel_dropout`` acts only where the model can
+    take a missing channel (``model.channel_fusion: mean``), so it is 0 for a plain first
+    convolution (hermes/config.py says so next to the knob)."""
+    if model.channel_fusion == "mean" or data.channel_dropout == 0:
+        return data
+    return data.model_copy(update={"channel_dropout": 0.0})
 
 
 def training_cases(index: CacheIndex, config: DataConfig, seed: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:

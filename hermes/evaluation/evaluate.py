@@ -30,6 +30,7 @@ import json
 import math
 import multiprocessing
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -108,6 +109,11 @@ class EvaluationResult:
         text = format_table(self.summary)
         if "modality_recognition" in self.summary:
             text += "\n" + format_recognition(self.summary["modality_recognition"])
+        dropped = self.summary.get("dropped_channel")
+        if dropped:
+            each = ", ".join(f"{name}: channel {d['channel']} ({d['name']}: {d['modality']})"
+                             for name, d in dropped["datasets"].items())
+            text += f"\npredicted without one channel: {each}"
         return text
 
 
@@ -760,6 +766,7 @@ def evaluate_model(
     max_cases: int | None = None,
     ignore_undeclared: bool = False,
     inspect: Callable[[str, str, list[tuple[str, np.ndarray, np.ndarray]]], None] | None = None,
+    drop_channel: str | int | None = None,
 ) -> EvaluationResult:
     """Predict each selected dataset's ``split`` cases and score them per task.
 
@@ -780,9 +787,18 @@ def evaluate_model(
     reference annotates it (the catalog's sidecars, table and ``absent_means`` rule).
     A reference value that the dataset's labels do not declare is an error unless
     ``ignore_undeclared``.
+
+    ``drop_channel`` (a channel number, dataset.json channel name or modality, e.g. ``T1c``):
+    every case is predicted without that channel of its dataset, through the missing-channel
+    path of ``hermes predict`` (hermes/inference/channels.py): the Dice with one channel
+    missing. It needs a model that fuses channels (``model.channel_fusion: mean``), and every
+    selected dataset must have the channel and at least one other (``datasets`` selects them).
+    One :class:`MissingChannelWarning` per dataset names the channel (not one per case), and
+    ``summary["dropped_channel"]`` records it.
     """
     from hermes.data.catalog import load_catalog
     from hermes.data.readers import open_dataset
+    from hermes.inference.channels import MissingChannelWarning, without_channel
     from hermes.inference.predictor import Predictor, dataset_catalog
 
     config = config or EvaluationConfig()
@@ -804,6 +820,7 @@ def evaluate_model(
         entries = [e for e in entries if e.name.lower() in wanted]
     if split not in ("test", "train", "all", "val"):
         raise DataError(f"unknown split {split!r} (test, train, all or val)")
+    dropped = _dropped_channels(predictor, entries, drop_channel) if drop_channel is not None else {}
 
     task_names = {task.index: task.name for task in catalog.tasks}
     rows: list[dict[str, Any]] = []
@@ -821,19 +838,33 @@ def evaluate_model(
             cases = cases[:max_cases]
         tasks = [task_names[t] for t in entry.task_ids]
         values = [tuple(int(v) for v in vs) for vs in entry.label_values]
+        if entry.name in dropped and cases:
+            warnings.warn(
+                f"{entry.name}: evaluating without {dropped[entry.name]['described']}; each case is predicted from "
+                f"the other {entry.num_channels - 1} channel(s)",
+                MissingChannelWarning,
+                stacklevel=2,
+            )
         for case in tqdm(cases, desc=entry.name, unit="case", disable=not progress):
             image = predictor.load_case(case.image_paths)
+            if entry.name in dropped:
+                image = without_channel(image, dropped[entry.name]["channel"])
             ref_image = load_image(case.label_path)  # type: ignore[arg-type]
             ref = _integer_labels(ref_image)
             if not ignore_undeclared:  # what `hermes prepare` refuses too
                 check_declared(ref, case.label_path, (tuple(entry.labels.values()), f"{entry.path}/dataset.json"))  # type: ignore[arg-type]
-            prediction = predictor.predict(
-                image,
-                tasks=tasks,
-                modality=None if detect_modality else entry.modality,
-                progress=False,
-                dataset=None if detect_modality else _model_dataset(predictor, entry.name),
-            )
+            with warnings.catch_warnings():
+                if entry.name in dropped:  # warned once for the dataset above
+                    warnings.simplefilter("ignore", MissingChannelWarning)
+                prediction = predictor.predict(
+                    image,
+                    tasks=tasks,
+                    modality=None if detect_modality else entry.modality,
+                    progress=False,
+                    dataset=None if detect_modality else _model_dataset(predictor, entry.name),
+                )
+            if entry.name in dropped and not prediction.extra.get("missing_channels"):
+                raise DataError(f"{case.case_id}: predicted without a missing channel although one was dropped")
             if ref.shape != prediction.shape or not np.allclose(ref_image.affine, prediction.affine, atol=1e-3):
                 raise DataError(f"{case.label_path}: label grid differs from its image {case.image_paths[0]}")
             masks: list[tuple[str, np.ndarray, np.ndarray]] = [
@@ -848,8 +879,11 @@ def evaluate_model(
                 raw = prediction.extra.get("modality_scores", {}).get(prediction.modality)  # uncapped softmax
                 recognition.append(RecognitionRecord(entry.name, case.case_id, entry.modality, prediction.modality,
                                                      prediction.modality_probability if raw is None else raw))
-                given = predictor.predict(image, tasks=tasks, modality=entry.modality, progress=False,
-                                          dataset=_model_dataset(predictor, entry.name))
+                with warnings.catch_warnings():
+                    if entry.name in dropped:
+                        warnings.simplefilter("ignore", MissingChannelWarning)
+                    given = predictor.predict(image, tasks=tasks, modality=entry.modality, progress=False,
+                                              dataset=_model_dataset(predictor, entry.name))
                 given_masks = [(task, given.mask(task), ref_mask) for (task, _, ref_mask) in masks]
                 given_rows.extend(score_case(entry.name, case.case_id, given_masks, ref_image.spacing, config,
                                              annotated))
@@ -871,5 +905,40 @@ def evaluate_model(
     summary = summarize(rows, config)
     if detect_modality:
         summary["modality_recognition"] = recognition_summary(recognition, summarize(given_rows, config), summary)
+    if drop_channel is not None:
+        summary["dropped_channel"] = {
+            "requested": str(drop_channel),
+            "datasets": {name: {k: v for k, v in info.items() if k != "described"} for name, info in dropped.items()},
+        }
     return EvaluationResult(rows, summary, slices)
+
+
+def _dropped_channels(predictor: Any, entries: Sequence[Any], channel: str | int) -> dict[str, dict[str, Any]]:
+    """Per selected dataset: the number, name and modality of the channel ``channel`` names
+    (checked before any prediction: a model that needs every channel, or a dataset without
+    the channel or without another one, is an error)."""
+    from hermes.errors import ConfigError
+    from hermes.inference.channels import describe_missing, resolve_channel
+    from hermes.models.channel_stem import reads_channels
+
+    if not reads_channels(predictor.model):
+        raise ConfigError(
+            f"drop channel {channel!r}: this model's first convolution reads every channel (model.channel_fusion: "
+            "none), so it cannot predict without one; only a model trained with channel_fusion: mean can"
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if entry.num_channels < 2:
+            raise DataError(
+                f"drop channel {channel!r}: dataset {entry.name!r} has one channel, which would leave nothing; "
+                "select the multi-channel datasets (--datasets)"
+            )
+        number = resolve_channel(entry, channel)
+        out[entry.name] = {
+            "channel": number,
+            "name": entry.channel_names[number],
+            "modality": entry.channel_modalities[number],
+            "described": describe_missing([n != number for n in range(entry.num_channels)], entry),
+        }
+    return out
 

@@ -163,6 +163,7 @@ def posterior_prototypes(
     cache are used. The prototypes are captured from the prototype head's own inputs with a
     forward pre-hook, so no model code needs to expose them.
     """
+    from hermes.models.channel_stem import channel_inputs
     from hermes.models.heads import PrototypeHead
 
     head = _find(model, PrototypeHead)
@@ -190,8 +191,12 @@ def posterior_prototypes(
                 patch = torch.from_numpy(_patch_around(np.asarray(image, dtype=np.float32), label, patch_size))
                 task_ids = torch.tensor([entry.task_ids], dtype=torch.long, device=device)
                 modality = torch.tensor([entry.modality_id], dtype=torch.long, device=device)
+                channels = {
+                    "channel_ids": torch.tensor([catalog.channel_modality_ids(entry)], dtype=torch.long, device=device),
+                    "channel_mask": torch.ones((1, entry.num_channels), dtype=torch.bool, device=device),
+                }
                 captured.clear()
-                model(patch.unsqueeze(0).to(device), task_ids, modality)
+                model(patch.unsqueeze(0).to(device), task_ids, modality, **channel_inputs(model, channels))
                 if not captured:
                     continue
                 protos = captured[-1][0].numpy().astype(np.float64)  # (T_req, D)

@@ -8,8 +8,10 @@
     predict_files("runs/model", "imagesTs/", "predictions/")           # what the CLI does
 
 Inputs: a NIfTI/NRRD/MHA file, a DICOM series folder, or a folder of image files (nnU-Net's
-``CASE_0000.nii.gz`` channel naming is grouped into cases). Outputs: one multi-label image +
-a JSON sidecar of label names per case, or one folder of binary masks per case.
+``CASE_0000.nii.gz`` channel naming is grouped into cases; a gap in a case's channel numbers is
+a missing channel, which a ``channel_fusion: mean`` model predicts without, with a warning).
+Outputs: one multi-label image + a JSON sidecar of label names per case, or one folder of binary
+masks per case.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from hermes.config import InferenceConfig
 from hermes.data.imageio import Image, image_suffix, save_image
 from hermes.errors import ConfigError, DataError
 from hermes.fileio import atomic_directory, atomic_write_json
+from hermes.inference.channels import image_source
 from hermes.inference.predictor import (
     Prediction,
     Predictor,
@@ -80,7 +83,12 @@ def predict(
 @dataclass(frozen=True)
 class CaseInput:
     case_id: str
-    paths: tuple[Path, ...]  # one per channel (a DICOM folder counts as one)
+    paths: tuple[Path | None, ...]  # one per channel (a DICOM folder counts as one); None: missing
+
+    @property
+    def source(self) -> Path:
+        """The first given file: the case's name and grid."""
+        return image_source(self.paths)
 
 
 def discover_inputs(path: str | Path) -> tuple[list[CaseInput], bool]:
@@ -105,9 +113,9 @@ def discover_inputs(path: str | Path) -> tuple[list[CaseInput], bool]:
             groups[stem][0] = file
     cases = []
     for case_id, channels in sorted(groups.items()):
-        if sorted(channels) != list(range(len(channels))):
-            raise DataError(f"{path}: case {case_id} has channels {sorted(channels)}; expected 0..{len(channels) - 1}")
-        cases.append(CaseInput(case_id, tuple(channels[c] for c in sorted(channels))))
+        # a gap (CASE_0002 absent) is a missing channel: the predictor names it, or refuses it
+        # for a model that needs every channel
+        cases.append(CaseInput(case_id, tuple(channels.get(c) for c in range(max(channels) + 1))))
     return cases, True
 
 
@@ -153,7 +161,7 @@ def _predict_case(
 ) -> Prediction:
     """Predict one case and write it; ``check(prediction)`` runs before anything is written."""
     check_output(target, overwrite)
-    image_input: Path | list[Path] = case.paths[0] if len(case.paths) == 1 else list(case.paths)
+    image_input: Path | list[Path | None] = case.source if len(case.paths) == 1 else list(case.paths)
     if predictor.config.output == "binary":
         with atomic_directory(target, overwrite=True) as tmp:
             holder: dict[str, np.ndarray] = {}

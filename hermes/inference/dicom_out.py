@@ -441,10 +441,10 @@ def predict_dicom_files(
             "--reference-series) per run"
         )
     case = cases[0]
-    source = reference_series if reference_series is not None else case.paths[0]
+    source = reference_series if reference_series is not None else case.source
     if not Path(source).is_dir():
         raise ConfigError(
-            f"--format {fmt}: {case.paths[0]} is not a DICOM series; pass --reference-series DICOM_DIR "
+            f"--format {fmt}: {case.source} is not a DICOM series; pass --reference-series DICOM_DIR "
             "(the series the image was converted from)"
         )
     target = dicom_target(Path(output), case.case_id, fmt)

@@ -48,6 +48,7 @@ from hermes import __version__
 from hermes.bundle import ModelBundle
 from hermes.errors import ConfigError, DataError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_bytes, atomic_write_json
+from hermes.models.channel_stem import reads_channels
 from hermes.models.hermes import SegmentationOutput
 from hermes.models.registry import load_model
 
@@ -121,6 +122,13 @@ def export_onnx(
     if out_dir.exists() and not overwrite:
         raise DataError(f"{out_dir} exists; pass --overwrite to replace it")
     model, bundle = load_model(model_dir, device="cpu")
+    if reads_channels(model):
+        # The graph's inputs (above) have no channel ids/mask; the predictor would run the
+        # per-channel stem without them. Not offered yet rather than exported wrong.
+        raise ModelError(
+            f"{model_dir}: ONNX export of a model with model.channel_fusion: mean (per-channel stem) is not "
+            "supported yet; predict it with the torch engine"
+        )
     with_modality = _has_modality_head(model)
     wrapper = _ExportWrapper(model, with_modality).eval()
     summary = bundle.summary()  # patch_size, task_names, modalities, preprocessing

@@ -22,6 +22,11 @@ task at a time restored to the original grid and folded into a running "most pro
 label map, so the peak holds one chunk's cache-space logits plus a few original-size volumes,
 independent of the number of tasks.
 
+**Channels.** A multi-channel dataset's image is given as one file per channel in its channel
+order; with a model built with ``channel_fusion: mean`` a channel may be missing (``None`` in
+the list, a gap in nnU-Net file numbers, or fewer files than channels): it is left out of the
+model's channel mean and a :class:`MissingChannelWarning` names it (inference/channels.py).
+
 **Overlaps.** Each task is an independent sigmoid mask. In the multi-label output a voxel gets
 the task with the highest probability among those above the threshold ("the most probable
 wins"); the binary output keeps every task's own mask, overlaps included.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,11 +55,20 @@ from hermes.data.modalities import UNKNOWN, ModalityVocabulary
 from hermes.data.preprocess import PreprocessPlan, preprocess_image, restore_to_original
 from hermes.errors import ConfigError, DataError, HermesError, ModelError
 from hermes.fileio import atomic_directory, atomic_write_json
+from hermes.inference.channels import (
+    MissingChannelWarning,
+    channel_numbers,
+    describe_missing,
+    preprocess_present,
+    presence,
+    stack_given,
+)
 from hermes.inference.chunks import GIB, memory_plan, split
 from hermes.inference.modality_guess import guess_message, reported_probability, trained_for_recognition
 from hermes.inference.postprocess import load_postprocessing
 from hermes.inference.sliding_window import central_window, sliding_window_inference
 from hermes.inference.tta import check_possible, mirrored_network, plan_mirroring, trained_mirror_axes
+from hermes.models.channel_stem import reads_channels
 from hermes.models.registry import load_model
 from hermes.runtime import choose_device, resolve_channels_last
 
@@ -400,25 +415,45 @@ class Predictor:
         return groups
 
     # ---- model calls ---------------------------------------------------------------------------
-    def _network(self, prompt: Sequence[int], keep: Sequence[int], modality_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _channel_prompt(
+        self, plan: PreprocessPlan, present: Sequence[bool], modality_id: int
+    ) -> dict[str, torch.Tensor]:
+        """``channel_ids``/``channel_mask`` (1, C) for a model that fuses channels: each channel's
+        modality from the plan's dataset (the sample's modality when the catalog lacks it)."""
+        if not reads_channels(self.model):
+            return {}
+        entry = next((e for e in self.catalog.datasets if e.name == plan.dataset), None)
+        ids = self.catalog.channel_modality_ids(entry) if entry is not None and entry.num_channels == len(present) else None
+        return {
+            "channel_ids": torch.tensor([ids or [modality_id] * len(present)], dtype=torch.long, device=self.device),
+            "channel_mask": torch.tensor([list(present)], dtype=torch.bool, device=self.device),
+        }
+
+    def _network(
+        self, prompt: Sequence[int], keep: Sequence[int], modality_id: int, channels: dict[str, torch.Tensor] | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         task_row = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
         modality = torch.tensor([modality_id], dtype=torch.long, device=self.device)
         index = [list(prompt).index(t) for t in keep]
         # Only the kept tasks' prototypes and voxel-wise dot products are computed (HermesModel's
         # ``output_tasks``); traditional models are always prompted with exactly the kept tasks.
         extra = {} if index == list(range(len(prompt))) else {"output_tasks": index}
+        channels = channels or {}
 
         def network(batch: torch.Tensor) -> torch.Tensor:
             b = batch.shape[0]
-            return self.model(batch, task_row.expand(b, -1), modality.expand(b), **extra).logits
+            tiled = {key: value.expand(b, -1) for key, value in channels.items()}
+            return self.model(batch, task_row.expand(b, -1), modality.expand(b), **extra, **tiled).logits
 
         return network
 
-    def _group_network(self, group: PromptGroup, modality_id: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _group_network(
+        self, group: PromptGroup, modality_id: int, channels: dict[str, torch.Tensor] | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The group's network, averaged over the mirrors that are safe for its tasks when TTA is
         on (hermes/inference/tta.py: trained axes, or left-right with declared pairs swapped)."""
         if not self.config.mirror_tta:
-            return self._network(group.prompt, group.keep, modality_id)
+            return self._network(group.prompt, group.keep, modality_id, channels)
         if group.dataset is not None:
             entries = [self.catalog.dataset(group.dataset)]
         else:
@@ -427,7 +462,7 @@ class Predictor:
         extra = plan.extra_tasks(group.keep)  # a swap reads each paired task from its partner
         outputs = [*group.keep, *extra]
         prompt = [*group.prompt, *(t for t in extra if t not in group.prompt)]
-        return mirrored_network(self._network(prompt, outputs, modality_id), plan, outputs, len(group.keep))
+        return mirrored_network(self._network(prompt, outputs, modality_id, channels), plan, outputs, len(group.keep))
 
     def task_chunks(
         self, group: PromptGroup, original_shape: Sequence[int], cache_shape: Sequence[int], verbose: bool = False
@@ -469,6 +504,29 @@ class Predictor:
             self._preprocessed[key] = preprocess_image(images, plan)
         return self._preprocessed[key]
 
+    def _present_channels(self, image: Image, plan: PreprocessPlan) -> tuple[bool, ...]:
+        """Which of the plan's channels ``image`` brings; a missing one is an error for a model
+        with a plain first convolution (it reads every channel)."""
+        present = presence(image, plan)
+        if not all(present) and not reads_channels(self.model):
+            entry = next((e for e in self.catalog.datasets if e.name == plan.dataset), None)
+            where = f"{image.path}: " if image.path else ""
+            raise DataError(
+                f"{where}{describe_missing(present, entry)} of dataset {plan.dataset!r} missing; this model "
+                "(model.channel_fusion: none) needs every channel"
+            )
+        return present
+
+    def _preprocess_present(
+        self, image: Image, plan: PreprocessPlan, present: Sequence[bool]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        if all(present):
+            return self._preprocess([image], plan)
+        key = f"{plan.digest()}:{''.join('1' if p else '0' for p in present)}"
+        if key not in self._preprocessed:
+            self._preprocessed[key] = preprocess_present(image, plan, present)
+        return self._preprocessed[key]
+
     @torch.inference_mode()
     def modality_probabilities(self, images: list[Image]) -> dict[str, float]:
         """Modality head on the central window, prompted with the unknown modality.
@@ -481,6 +539,7 @@ class Predictor:
             raise ConfigError("this model has no modality head; pass the modality (--modality)")
         scores: dict[str, float] = {}
         unknown = torch.tensor([self.catalog.unknown_modality_id], device=self.device)
+        image = images[0]
         for modality in self.trained_modalities:
             if modality == UNKNOWN:
                 continue
@@ -490,28 +549,44 @@ class Predictor:
             prompt = list(entry.task_ids) if entry is not None else self.default_tasks(modality)
             if self.own_tasks is not None:
                 prompt = list(self.own_tasks)
-            array, meta = self._preprocess(images, plan)
+            try:  # a modality whose plan cannot take this image's channels is not a candidate
+                present = self._present_channels(image, plan)
+            except DataError:
+                continue
+            array, meta = self._preprocess_present(image, plan, present)
             window = central_window(
                 torch.from_numpy(np.asarray(array, dtype=np.float32))[None], self.patch_size, meta.get("pad_value", 0.0)
             )
             window = window.to(self.device)
             if self.channels_last:
                 window = window.contiguous(memory_format=torch.channels_last_3d)
-            out = self.model(window, torch.tensor([prompt], device=self.device), unknown)
+            channels = self._channel_prompt(plan, present, self.catalog.unknown_modality_id)
+            out = self.model(window, torch.tensor([prompt], device=self.device), unknown, **channels)
             probs = torch.softmax(out.modality_logits.float(), dim=1)[0]
             scores[modality] = float(probs[self.catalog.modalities.index(modality)])
+        if not scores:
+            raise DataError(
+                f"{image.path or 'the image'}: its {len(channel_numbers(image))} channel(s) fit no trained "
+                "modality's preprocessing; pass --modality or --dataset"
+            )
         return scores
 
     # ---- main entry ----------------------------------------------------------------------------
-    def load_case(self, inputs: str | Path | Image | Sequence[str | Path | Image]) -> Image:
+    def load_case(self, inputs: str | Path | Image | Sequence[str | Path | Image | None]) -> Image:
         """One image from a file, a DICOM folder, an :class:`Image`, or one file per channel
-        (stacked on a 4th axis; all channels must share the first one's grid)."""
+        (stacked on a 4th axis; all channels must share the first one's grid). In a list,
+        ``None`` marks a missing channel: the result is then a ``PartialImage`` that knows
+        which channel numbers it holds (inference/channels.py)."""
         if isinstance(inputs, Image):
             return inputs
         allow = self.config.allow_irregular_dicom
         if isinstance(inputs, str | Path):
             return load_image(inputs, allow_irregular=allow)
-        items = [x if isinstance(x, Image) else load_image(x, allow_irregular=allow) for x in inputs]
+        if any(x is None for x in inputs):
+            return stack_given(
+                [x if x is None or isinstance(x, Image) else load_image(x, allow_irregular=allow) for x in inputs]
+            )
+        items = [x if isinstance(x, Image) else load_image(x, allow_irregular=allow) for x in inputs]  # type: ignore[arg-type]
         if not items:
             raise DataError("no input image given")
         if len(items) == 1:
@@ -525,7 +600,7 @@ class Predictor:
 
     def predict(
         self,
-        image: str | Path | Image | Sequence[str | Path | Image],
+        image: str | Path | Image | Sequence[str | Path | Image | None],
         tasks: Sequence[str] | None = None,
         modality: str | None = None,
         output: OutputMode | None = None,
@@ -597,13 +672,25 @@ class Predictor:
         else:
             raise ConfigError(f"unknown output {output!r} (multilabel or binary)")
 
+        missing: dict[str, str] = {}
         for group in self.prompt_groups(task_ids, chosen, dataset):
-            array, meta = self._preprocess(images, group.plan)
+            present = self._present_channels(image, group.plan)
+            if not all(present):
+                entry = next((e for e in self.catalog.datasets if e.name == group.plan.dataset), None)
+                missing[group.plan.dataset] = describe_missing(present, entry)
+                warnings.warn(
+                    f"{image.path or 'input image'}: missing {missing[group.plan.dataset]} of dataset "
+                    f"{group.plan.dataset!r}; predicting from the {sum(present)} channel(s) present",
+                    MissingChannelWarning,
+                    stacklevel=2,
+                )
+            array, meta = self._preprocess_present(image, group.plan, present)
+            channels = self._channel_prompt(group.plan, present, modality_id)
             tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))[None]
             for chunk in self.task_chunks(group, shape, tensor.shape[2:], verbose):
                 logits = sliding_window_inference(
                     tensor,
-                    self._group_network(chunk, modality_id),
+                    self._group_network(chunk, modality_id, channels),
                     self.patch_size,
                     overlap=self.config.overlap,
                     window_batch_size=self.config.window_batch_size,
@@ -633,6 +720,8 @@ class Predictor:
                 del logits
         self._preprocessed.clear()
         extra: dict[str, Any] = dict(guessed)
+        if missing:
+            extra["missing_channels"] = missing
         if self.postprocessing is not None:  # multi-label: on the final map, as it was decided
             if labels is not None:
                 self.postprocessing.apply_labels(labels, names)

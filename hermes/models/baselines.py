@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from hermes.errors import ConfigError, ModelError
 from hermes.models.backbone import DEEP_SUPERVISION_LEVELS
+from hermes.models.channel_stem import channel_prompt, check_all_channels
 from hermes.models.hermes import SegmentationOutput
 from hermes.models.priors import check_ids, task_validity
 
@@ -38,8 +39,10 @@ class BackboneWithHead(nn.Module):
             {name: nn.Conv3d(widths[level], out_channels, 1) for name, level in levels.items()}
         )
 
-    def forward(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
-        out = self.backbone(image)
+    def forward(
+        self, image: Tensor, channel_ids: Tensor | None = None, channel_mask: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        out = self.backbone(image) if channel_ids is None else self.backbone(image, None, channel_ids, channel_mask)
         return self.head(out.features), [head(out.decoder[name]) for name, head in self.deep_heads.items()]
 
 
@@ -91,7 +94,12 @@ class TraditionalModel(nn.Module):
     """One network per dataset, answering the universal model's call for its own tasks."""
 
     def __init__(
-        self, network: nn.Module, task_ids_of_model: Sequence[int], num_tasks: int, num_modalities: int
+        self,
+        network: nn.Module,
+        task_ids_of_model: Sequence[int],
+        num_tasks: int,
+        num_modalities: int,
+        channel_fusion: str = "none",
     ) -> None:
         super().__init__()
         own = [int(t) for t in task_ids_of_model]
@@ -101,13 +109,20 @@ class TraditionalModel(nn.Module):
         self.task_ids_of_model = own
         self.num_tasks = num_tasks
         self.num_modalities = num_modalities
+        self.channel_fusion = channel_fusion  # "mean": the network is a BackboneWithHead over a fusing ResUNet
         self.not_own = len(own)  # sentinel channel value for tasks of other datasets
         lookup = torch.full((num_tasks + 1,), self.not_own, dtype=torch.long)
         lookup[torch.tensor(own)] = torch.arange(len(own))
         self.register_buffer("channel_of_task", lookup, persistent=False)
 
     def forward(
-        self, image: Tensor, task_ids: Tensor, modality_id: Tensor, task_mask: Tensor | None = None
+        self,
+        image: Tensor,
+        task_ids: Tensor,
+        modality_id: Tensor,
+        task_mask: Tensor | None = None,
+        channel_ids: Tensor | None = None,
+        channel_mask: Tensor | None = None,
     ) -> SegmentationOutput:
         check_ids(task_ids, modality_id, self.num_tasks, self.num_modalities)
         valid = task_validity(task_ids, self.num_tasks, task_mask)
@@ -119,7 +134,12 @@ class TraditionalModel(nn.Module):
                 f"not {sorted(set(task_ids[foreign].tolist()))}"
             )
         channels = torch.where(valid, channels, torch.zeros_like(channels))
-        logits, deep = self.network(image)
+        if self.channel_fusion == "mean":
+            ids, mask = channel_prompt(image, modality_id, self.num_modalities, channel_ids, channel_mask)
+            logits, deep = self.network(image, ids, mask)
+        else:
+            check_all_channels(channel_mask)
+            logits, deep = self.network(image)
         rows = torch.arange(task_ids.shape[0], device=task_ids.device)[:, None]
         return SegmentationOutput(
             logits=logits[rows, channels].float(),

@@ -22,6 +22,12 @@ full resolution) are computed for the requested tasks only, and their logits equ
 request's bit for bit. With ``task_conditioned_features=False`` the features read only the
 modality tokens, so even the prompt can be any subset with identical logits (decided in
 docs/architecture.md, "Task prompts").
+
+**Channels.** With ``channel_fusion="mean"`` the backbone's stem reads each channel on its own
+(hermes/models/channel_stem.py); ``channel_ids`` (the modality of each channel) and
+``channel_mask`` (the channels present) then say what the image's channels are. A
+single-channel image needs neither (its channel has the sample's modality). With ``"none"``
+they are not read, except that a channel masked as missing is an error.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from hermes.models.channel_stem import channel_prompt, check_all_channels
 from hermes.models.heads import ModalityHead, PrototypeHead, TaskLogitCalibration
 from hermes.models.priors import ContextPriors, PriorTokens, check_ids, task_validity
 
@@ -55,6 +62,7 @@ class HermesModel(nn.Module):
         deep_supervision_heads: dict[str, PrototypeHead] | None = None,
         task_conditioned_features: bool = True,
         logit_calibration: TaskLogitCalibration | None = None,
+        channel_fusion: str = "none",
     ) -> None:
         super().__init__()
         self.priors = priors
@@ -66,6 +74,7 @@ class HermesModel(nn.Module):
         self.deep_supervision_heads = nn.ModuleDict(deep_supervision_heads or {})
         self.task_conditioned_features = task_conditioned_features
         self.logit_calibration = logit_calibration
+        self.channel_fusion = channel_fusion
 
     @property
     def num_tasks(self) -> int:
@@ -91,13 +100,21 @@ class HermesModel(nn.Module):
         modality_id: Tensor,
         task_mask: Tensor | None = None,
         output_tasks: Sequence[int] | None = None,
+        channel_ids: Tensor | None = None,
+        channel_mask: Tensor | None = None,
     ) -> SegmentationOutput:
         check_ids(task_ids, modality_id, self.num_tasks, self.num_modalities)
         valid = task_validity(task_ids, self.priors.null_task_id, task_mask)
         if not torch.compiler.is_exporting() and not bool(valid.any(dim=1).all()):
             raise ValueError("every sample needs at least one real (unpadded) task")
         num_tasks = task_ids.shape[1]
-        out = self.backbone(image, self._select_priors(task_ids, valid, modality_id))
+        priors = self._select_priors(task_ids, valid, modality_id)
+        if self.channel_fusion == "mean":
+            ids, mask = channel_prompt(image, modality_id, self.num_modalities, channel_ids, channel_mask)
+            out = self.backbone(image, priors, ids, mask)
+        else:
+            check_all_channels(channel_mask)
+            out = self.backbone(image, priors)
         task_tokens = [out.posteriors[stage][:, :num_tasks] for stage in self.prototype_stages]
         output_ids = task_ids
         if output_tasks is not None:

@@ -100,7 +100,8 @@ def _build_hermes(config: ModelConfig, num_tasks: int, num_modalities: int) -> H
     if config.architecture == "hermes_resunet":
         fusion = _fusion_blocks(config, preset.fusion_blocks)
         backbone: nn.Module = ResUNet(
-            config.in_channels, widths, blocks, downsample, config.norm, fusion, head_dim
+            config.in_channels, widths, blocks, downsample, config.norm, fusion, head_dim,
+            channel_fusion=config.channel_fusion, num_modalities=num_modalities,
         )
     else:
         fusion = _fusion_blocks(config, preset.transformer_blocks)
@@ -147,16 +148,22 @@ def _build_hermes(config: ModelConfig, num_tasks: int, num_modalities: int) -> H
         deep_supervision_heads=deep,
         task_conditioned_features=config.task_conditioned_features,
         logit_calibration=TaskLogitCalibration(num_tasks) if config.prototype_logit == "affine" else None,
+        channel_fusion=config.channel_fusion,
     )
 
 
-def _build_network(config: ModelConfig, out_channels: int, patch_size: Sequence[int] | None) -> nn.Module:
+def _build_network(
+    config: ModelConfig, out_channels: int, patch_size: Sequence[int] | None, num_modalities: int
+) -> nn.Module:
     preset, widths, blocks, downsample = _resolved(config)
     rules = patch_constraints(config)
     if config.deep_supervision and not rules.deep_supervision:
         raise ConfigError(f"model.deep_supervision is not supported for {config.architecture}")
     if config.architecture == "resunet":
-        backbone: nn.Module = ResUNet(config.in_channels, widths, blocks, downsample, config.norm)
+        backbone: nn.Module = ResUNet(
+            config.in_channels, widths, blocks, downsample, config.norm,
+            channel_fusion=config.channel_fusion, num_modalities=num_modalities,
+        )
         return BackboneWithHead(backbone, widths, out_channels, config.deep_supervision)
     if config.architecture == "medformer":
         backbone = MedFormer(
@@ -227,8 +234,8 @@ def build_model(
     else:
         if not own:
             raise ModelError(f"architecture {model_config.architecture!r} is per-dataset: give its task ids")
-        network = _build_network(model_config, len(own), patch_size)
-        model = TraditionalModel(network, own, num_tasks, num_modalities)
+        network = _build_network(model_config, len(own), patch_size, num_modalities)
+        model = TraditionalModel(network, own, num_tasks, num_modalities, model_config.channel_fusion)
     model.build_spec = NetworkSpec(  # type: ignore[assignment]
         config=model_config,
         num_tasks=num_tasks,

@@ -7,6 +7,10 @@ Per-axis pooling strides support anisotropic data (e.g. [[2,2,1], [2,2,2], ...])
 With ``fusion_blocks`` (stage -> number of blocks) a :class:`PriorFusion` runs right after the
 named encoder stage or decoder stage; the fused encoder features are also the skips, as in the
 reference. Without it this is the plain backbone of the traditional ``resunet`` baseline.
+
+``channel_fusion="mean"`` replaces the stem by :class:`ChannelFusionStem` (one stem per channel,
+conditioned on its modality, averaged over the channels present); ``"none"`` keeps the plain
+stem over stacked channels, with the parameter names models saved before the option have.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from hermes.models.backbone import STAGE_LEVEL, BackboneOutput
+from hermes.models.channel_stem import ChannelFusionStem
 from hermes.models.fusion import PriorFusion
 from hermes.models.layers import BasicBlock, MaxPool, NormName, blocks, concat_skip
 from hermes.models.priors import PriorTokens
@@ -34,14 +39,21 @@ class ResUNet(nn.Module):
         norm: NormName = "instance",
         fusion_blocks: Mapping[str, int] | None = None,
         head_dim: int = 32,
+        channel_fusion: str = "none",
+        num_modalities: int = 0,
     ) -> None:
         super().__init__()
         if len(widths) != 5 or len(blocks_per_stage) != 4 or len(downsample) != 4:
             raise ValueError("ResUNet needs 5 widths, 4 blocks_per_stage and 4 downsample strides")
         self.widths = list(widths)
         w, n = self.widths, list(blocks_per_stage)
-        self.stem = nn.Sequential(
-            nn.Conv3d(in_channels, w[0], 3, padding=1, bias=False), BasicBlock(w[0], w[0], norm)
+        if channel_fusion not in ("none", "mean"):
+            raise ValueError(f"unknown channel_fusion {channel_fusion!r} (none or mean)")
+        self.channel_fusion = channel_fusion
+        self.stem: nn.Module = (
+            ChannelFusionStem(w[0], num_modalities, norm)
+            if channel_fusion == "mean"
+            else nn.Sequential(nn.Conv3d(in_channels, w[0], 3, padding=1, bias=False), BasicBlock(w[0], w[0], norm))
         )
         self.down = nn.ModuleList(
             nn.Sequential(MaxPool(tuple(downsample[i])), blocks(w[i], w[i + 1], n[i], norm)) for i in range(4)
@@ -66,10 +78,22 @@ class ResUNet(nn.Module):
         h, out.posteriors[stage] = self.fusion[stage](h, priors[stage])
         return h
 
-    def forward(self, x: Tensor, priors: Mapping[str, PriorTokens] | None = None) -> BackboneOutput:
+    def forward(
+        self,
+        x: Tensor,
+        priors: Mapping[str, PriorTokens] | None = None,
+        channel_ids: Tensor | None = None,
+        channel_mask: Tensor | None = None,
+    ) -> BackboneOutput:
+        """``channel_ids``/``channel_mask`` (B, C): needed with ``channel_fusion="mean"`` only."""
         priors = priors or {}
         out = BackboneOutput(features=x)
-        h = self.stem(x)
+        if self.channel_fusion == "mean":
+            if channel_ids is None or channel_mask is None:
+                raise ValueError("channel_fusion 'mean' needs channel_ids and channel_mask")
+            h = self.stem(x, channel_ids, channel_mask)
+        else:
+            h = self.stem(x)
         skips = [h]
         for i, down in enumerate(self.down):
             h = down(h)

@@ -34,13 +34,15 @@ GENERATOR_VERSION = 1
 
 @dataclass
 class SyntheticCase:
-    """One generated case in the dataset's storage orientation (plus its RAS phantom)."""
+    """One generated case in the dataset's storage orientation (plus its RAS phantom).
+    ``image`` is the first channel; ``channels`` every channel (one for most datasets)."""
 
     case_id: str
     image: np.ndarray
     label: np.ndarray
     affine: np.ndarray
     phantom: Phantom
+    channels: tuple[np.ndarray, ...] = ()
 
 
 def case_ids(spec: SyntheticDataset, n_train: int, n_test: int) -> tuple[list[str], list[str]]:
@@ -56,19 +58,23 @@ def make_case(spec: SyntheticDataset, split: str, index: int, seed: int = 0, sca
     fov[2] *= rng.uniform(0.94, 1.06)  # scan length varies per case, so do slice counts
     centre = np.asarray(spec.fov_centre, dtype=np.float64) + rng.uniform(-8.0, 8.0, 3)
     grid = Grid.around(centre, fov, spacing)
-    phantom = render_abdomen(rng, grid, spec.lesions) if spec.phantom == "abdomen" else render_head(rng, grid)
-    image = render(phantom.tissue, grid, spec.modality, rng)
+    if spec.phantom == "abdomen":
+        phantom = render_abdomen(rng, grid, spec.lesions)
+    else:
+        phantom = render_head(rng, grid, tumour=spec.phantom == "head_tumour")
+    # every sequence of a multi-channel dataset from the same phantom, one after the other
+    images = [render(phantom.tissue, grid, sequence, rng) for sequence in spec.sequences]
     label = spec.label_lut()[phantom.tissue]
     if spec.modality == "CT":
-        image = np.round(image).astype(np.int16)  # stored as HU integers, like scanners do
+        images = [np.round(image).astype(np.int16) for image in images]  # stored as HU integers, like scanners do
     # RAS grid -> the dataset's storage orientation (flips/permutations only: exact).
     transform = nio.ornt_transform(nio.axcodes2ornt("RAS"), nio.axcodes2ornt(spec.orientation))
     affine = grid.affine @ nio.inv_ornt_aff(transform, grid.shape)
-    image = np.ascontiguousarray(nio.apply_orientation(image, transform))
+    channels = tuple(np.ascontiguousarray(nio.apply_orientation(image, transform)) for image in images)
     label = np.ascontiguousarray(nio.apply_orientation(label, transform))
     prefix = spec.short_name.lower()
     case_id = f"{prefix}_{index:03d}" if split == "train" else f"{prefix}_test{index:03d}"
-    return SyntheticCase(case_id, image, label, affine, phantom)
+    return SyntheticCase(case_id, channels[0], label, affine, phantom, channels)
 
 
 def _params(spec: SyntheticDataset, seed: int, scale: float, n_train: int, n_test: int) -> dict[str, object]:
@@ -87,7 +93,7 @@ def _dataset_json(spec: SyntheticDataset, params: dict[str, object], scale: floa
         "description": f"Hermes synthetic cohort, mimics {spec.mimics}: {spec.protocol}.",
         "reference": "Hermes built-in synthetic cohort (procedural phantoms, no patient data)",
         "licence": "CC0-1.0",
-        "channel_names": {"0": spec.modality},
+        "channel_names": {str(i): name for i, name in enumerate(spec.channel_names)},
         "labels": {"background": 0, **{name: value for value, name in enumerate(spec.label_names, start=1)}},
         "numTraining": params["n_train"],
         "numTest": params["n_test"],
@@ -176,7 +182,10 @@ def generate_cohort(
                         (tmp / f"labels{suffix}").mkdir()
                         for index in range(count):
                             case = make_case(spec, split, index, seed, scale)
-                            save_image(tmp / f"images{suffix}" / f"{case.case_id}_0000.nii.gz", case.image, case.affine)
+                            for channel, image in enumerate(case.channels):
+                                save_image(
+                                    tmp / f"images{suffix}" / f"{case.case_id}_{channel:04d}.nii.gz", image, case.affine
+                                )
                             save_image(tmp / f"labels{suffix}" / f"{case.case_id}.nii.gz", case.label, case.affine)
                             bar.update(1)
                     # dataset.json last: a folder with it is a complete dataset.
@@ -199,7 +208,7 @@ def summarize(folder: Path) -> dict[str, object]:
     meta = json.loads((folder / "dataset.json").read_text())["hermes_synthetic"]
     return {
         "dataset": info.name,
-        "modality": info.channel_names[0],
+        "modality": "+".join(info.channel_names),
         "train": len(info.train_cases()),
         "test": len(info.test_cases()),
         "shape": "x".join(map(str, shapes[0])) + (f"..{'x'.join(map(str, shapes[-1]))}" if len(shapes) > 1 else ""),

@@ -27,8 +27,8 @@ class SyntheticDataset:
 
     number: int
     short_name: str
-    modality: str
-    phantom: str  # "abdomen" or "head"
+    modality: str  # the (first) channel's modality
+    phantom: str  # "abdomen", "head" or "head_tumour" (a head with a brain tumour)
     labels: tuple[tuple[str, tuple[Tissue, ...]], ...]  # label name -> tissues, value = position + 1
     n_train: int
     n_test: int
@@ -39,10 +39,26 @@ class SyntheticDataset:
     lesions: LesionPlan
     mimics: str
     protocol: str
+    # Multi-channel datasets: (dataset.json channel name, rendered sequence) per channel, all
+    # rendered from the same phantom on one grid. Empty: one channel of `modality`.
+    channels: tuple[tuple[str, str], ...] = ()
+    # Part of the default cohort (`hermes cohort`, `hermes demo`)? Others are generated only
+    # when named (`hermes cohort --datasets BrainTumourMR`).
+    default: bool = True
 
     @property
     def name(self) -> str:
         return f"Dataset{self.number}_{self.short_name}"
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """dataset.json's ``channel_names``, in channel order."""
+        return tuple(name for name, _ in self.channels) if self.channels else (self.modality,)
+
+    @property
+    def sequences(self) -> tuple[str, ...]:
+        """The modality rendered for each channel (hermes/synthetic/render.py)."""
+        return tuple(seq for _, seq in self.channels) if self.channels else (self.modality,)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -146,18 +162,30 @@ DATASETS: tuple[SyntheticDataset, ...] = (
         "AMOS-MR (abdominal T1 MR)",
         "sagittal acquisition: stored with axes A, S, L and 6 mm left-right slices",
     ),
+    SyntheticDataset(
+        108, "BrainTumourMR", "FLAIR", "head_tumour",
+        (("edema", (T.EDEMA,)), ("tumour", (T.BRAIN_TUMOUR,))),
+        6, 2, (2.4, 2.4, 2.4), "RAS", (156.0, 192.0, 172.0), (0.0, 0.0, 0.0), LesionPlan(),
+        "BraTS / MSD Task01 (multi-sequence brain tumour MR)",
+        "four co-registered sequences of one head (FLAIR, T1, T1c, T2; dataset.json names as MSD's); "
+        "oedema and the enhancing tumour as two labels; not in the default cohort",
+        channels=(("FLAIR", "FLAIR"), ("T1w", "T1"), ("t1gd", "T1c"), ("T2w", "T2")),
+        default=False,
+    ),
 )
 
 
-def list_synthetic_datasets() -> list[SyntheticDataset]:
-    """The datasets :func:`hermes.synthetic.generate_cohort` writes, in order."""
-    return list(DATASETS)
+def list_synthetic_datasets(include_optional: bool = False) -> list[SyntheticDataset]:
+    """The datasets :func:`hermes.synthetic.generate_cohort` writes by default, in order
+    (``include_optional``: also those generated only when named, e.g. the 4-channel brain MR)."""
+    return [d for d in DATASETS if d.default or include_optional]
 
 
 def select_datasets(names: list[str] | tuple[str, ...] | None) -> list[SyntheticDataset]:
-    """Datasets by folder name, short name or number (case-insensitive); None = all."""
+    """Datasets by folder name, short name or number (case-insensitive); None = the default
+    cohort. Optional datasets are selected by naming them."""
     if not names:
-        return list(DATASETS)
+        return list_synthetic_datasets()
     chosen = []
     for name in names:
         key = str(name).lower()

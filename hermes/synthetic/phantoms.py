@@ -61,6 +61,8 @@ class Tissue(IntEnum):
     WHITE_MATTER = 26
     DEEP_GREY = 27
     EYE = 28
+    BRAIN_TUMOUR = 29  # solid, contrast-enhancing glioma-like mass (multi-sequence brain MR)
+    EDEMA = 30  # peritumoural oedema around it
 
 
 ORGANS = (Tissue.LIVER, Tissue.SPLEEN, Tissue.KIDNEY_R, Tissue.KIDNEY_L, Tissue.STOMACH, Tissue.GALLBLADDER)
@@ -295,8 +297,10 @@ def _clip_to(canvas: Canvas, code: int, allowed: Ellipsoid, restore: int) -> Non
     canvas.tissue[outside] = restore
 
 
-def render_head(rng: np.random.Generator, grid: Grid) -> Phantom:
-    """Sample one head: scalp, skull, CSF, folded cortex (GM), white matter, ventricles, deep GM."""
+def render_head(rng: np.random.Generator, grid: Grid, tumour: bool = False) -> Phantom:
+    """Sample one head: scalp, skull, CSF, folded cortex (GM), white matter, ventricles, deep GM;
+    with ``tumour``, also a mass in one hemisphere inside a wider, irregular oedema (drawn after
+    everything else, so the same subject without the tumour is unchanged)."""
     T = Tissue
     size = rng.uniform(0.93, 1.07)
     deformation = Deformation.random(rng, amplitude=3.0, wavelength=(100.0, 220.0))
@@ -365,4 +369,22 @@ def render_head(rng: np.random.Generator, grid: Grid) -> Phantom:
     for side in (-1, 1):
         eye = Ellipsoid(rot @ np.array([side * 30.0, semi[1] * 0.72, -semi[2] * 0.38]), np.array([11.0, 11.0, 11.0]), rot)
         canvas.paint(eye, T.EYE)
+    if tumour:
+        intended.update(_paint_brain_tumour(canvas, rng, rot, s))
     return Phantom(canvas.tissue, grid, "head", intended)
+
+
+def _paint_brain_tumour(canvas: Canvas, rng: np.random.Generator, rot: np.ndarray, s: float) -> dict[str, int]:
+    """An oedema (1.6-2.2x the tumour, wobbly: it follows the white matter) around a 9-15 mm
+    mass in the white matter of one hemisphere; both only inside the brain."""
+    T = Tissue
+    side = rng.choice([-1.0, 1.0])
+    centre = rot @ np.array([side * rng.uniform(22.0, 34.0), rng.uniform(-30.0, 35.0), rng.uniform(8.0, 30.0)]) * s
+    radius = rng.uniform(9.0, 15.0)
+    brain = (T.WHITE_MATTER, T.GREY_MATTER, T.DEEP_GREY)
+    edema = Ellipsoid.random_wobble(rng, centre, radius * rng.uniform(1.6, 2.2, 3), rot, 0.12)
+    mass = Ellipsoid.random_wobble(rng, centre, radius * rng.uniform(0.85, 1.15, 3), rot, 0.06)
+    return {
+        "edema": canvas.paint(edema, T.EDEMA, only=brain),
+        "tumour": canvas.paint(mass, T.BRAIN_TUMOUR, only=(*brain, T.EDEMA, T.CSF)),
+    }

@@ -9,6 +9,11 @@ images of that modality hard:
 * T1 / T2 MR: different contrast orderings (fat bright in both; fluid dark in T1, bright in T2;
   liver brighter than spleen in T1, darker in T2; white matter brighter than grey in T1), a
   smooth multiplicative bias field, an arbitrary intensity scale per case and Rician noise.
+* FLAIR and contrast T1 (T1c), for the multi-sequence brain MR: FLAIR is T2-like with the CSF
+  suppressed (dark), so oedema is the brightest tissue; T1c is T1 with the tumour enhancing.
+  A brain tumour is told from its oedema best on T1c, the oedema best on FLAIR/T2: each
+  sequence carries information the others lack, as in BraTS. Each sequence gets its own bias
+  field, scale and noise (separate acquisitions on one grid).
 * PET: SUV-like activity with a low background, hot lesions (SUV 5-14), physiological uptake
   (kidneys, urine in the renal pelvis, bowel), 7-10 mm FWHM blur and count-dependent noise.
 """
@@ -49,6 +54,21 @@ T2_SIGNAL: dict[Tissue, float] = {
     T.KIDNEY_LESION_R: 0.62, T.KIDNEY_LESION_L: 0.62, T.NODE_LESION: 0.42, T.CANAL: 0.95,
     T.SCALP: 0.7, T.SKULL: 0.05, T.CSF: 1.0, T.GREY_MATTER: 0.55, T.WHITE_MATTER: 0.4, T.DEEP_GREY: 0.5, T.EYE: 0.95,
 }
+# Head tissues in FLAIR (T2 with the fluid signal nulled); other tissues as in T2.
+FLAIR_SIGNAL: dict[Tissue, float] = {
+    **T2_SIGNAL, T.CSF: 0.08, T.EYE: 0.08, T.GREY_MATTER: 0.6, T.WHITE_MATTER: 0.45, T.DEEP_GREY: 0.55,
+    T.SCALP: 0.6, T.FAT: 0.55,
+}
+# Brain tumour and oedema per sequence; drawn only for an image that contains them, so the
+# random stream (and every image) of the datasets without a tumour is what it always was.
+LESION_SIGNAL: dict[str, dict[Tissue, float]] = {
+    "T1": {T.BRAIN_TUMOUR: 0.38, T.EDEMA: 0.55},
+    "T1c": {T.BRAIN_TUMOUR: 1.0, T.EDEMA: 0.55},
+    "T2": {T.BRAIN_TUMOUR: 0.7, T.EDEMA: 0.88},
+    "FLAIR": {T.BRAIN_TUMOUR: 0.75, T.EDEMA: 0.95},
+}
+MR_SIGNAL: dict[str, dict[Tissue, float]] = {"T1": T1_SIGNAL, "T1c": T1_SIGNAL, "T2": T2_SIGNAL, "FLAIR": FLAIR_SIGNAL}
+
 PET_SUV: dict[Tissue, float] = {
     T.AIR: 0.0, T.FAT: 0.3, T.MUSCLE: 0.7, T.BONE: 0.5, T.MARROW: 1.3, T.LIVER: 2.3, T.SPLEEN: 1.9,
     T.KIDNEY_R: 2.8, T.KIDNEY_L: 2.8, T.PELVIS_R: 4.0, T.PELVIS_L: 4.0, T.AORTA: 1.7, T.IVC: 1.6,
@@ -57,7 +77,7 @@ PET_SUV: dict[Tissue, float] = {
     T.SCALP: 0.4, T.SKULL: 0.3, T.CSF: 0.2, T.GREY_MATTER: 9.0, T.WHITE_MATTER: 3.0, T.DEEP_GREY: 9.0, T.EYE: 0.5,
 }
 
-MODALITIES = ("CT", "T1", "T2", "PET")
+MODALITIES = ("CT", "T1", "T2", "PET", "FLAIR", "T1c")
 
 
 def _texture(rng: np.random.Generator, grid: Grid, amplitude: float) -> np.ndarray:
@@ -88,10 +108,13 @@ def render_ct(tissue: np.ndarray, grid: Grid, rng: np.random.Generator) -> np.nd
 
 
 def render_mr(tissue: np.ndarray, grid: Grid, rng: np.random.Generator, weighting: str) -> np.ndarray:
-    table = T1_SIGNAL if weighting == "T1" else T2_SIGNAL
+    table = MR_SIGNAL[weighting]
     lut = np.zeros(len(Tissue), np.float32)
     for code, value in table.items():
         lut[code] = value * rng.uniform(0.92, 1.08)
+    for code, value in LESION_SIGNAL[weighting].items():
+        if np.any(tissue == code):
+            lut[code] = value * rng.uniform(0.92, 1.08)
     image = lut[tissue]
     image *= 1.0 + _texture(rng, grid, 0.04)
     image = _blur(image, np.full(3, rng.uniform(0.45, 0.7)))
@@ -127,7 +150,7 @@ def render(tissue: np.ndarray, grid: Grid, modality: str, rng: np.random.Generat
     """Intensity image (float32) of ``tissue`` as ``modality`` (CT in HU, PET in SUV)."""
     if modality == "CT":
         image = render_ct(tissue, grid, rng)
-    elif modality in ("T1", "T2"):
+    elif modality in MR_SIGNAL:
         image = render_mr(tissue, grid, rng, modality)
     elif modality == "PET":
         image = render_pet(tissue, grid, rng)

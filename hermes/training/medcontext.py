@@ -206,15 +206,16 @@ class MedContext:
     # ------------------------------------------------------------------------------ teacher
     @torch.no_grad()
     def teacher_probabilities(
-        self, image: Tensor, task_ids: Tensor, modality_id: Tensor, task_mask: Tensor | None
+        self, image: Tensor, task_ids: Tensor, modality_id: Tensor, task_mask: Tensor | None, **channels: Tensor
     ) -> Tensor:
         """The teacher's sigmoid probabilities ``(B, T, *S)`` in fp32 on the clean input.
 
-        The teacher gets the same task and modality prompts as the student, so their output
-        channels line up one to one.
+        The teacher gets the same task and modality prompts (and ``channels``: the channel ids
+        and mask of a ``channel_fusion: mean`` model) as the student, so their output channels
+        line up one to one.
         """
         self.teacher.eval()  # a shared validation EMA may have been left in train mode
-        logits = _logits_of(self.teacher(image, task_ids, modality_id, task_mask))
+        logits = _logits_of(self.teacher(image, task_ids, modality_id, task_mask, **channels))
         return torch.sigmoid(logits.float())
 
     @torch.no_grad()

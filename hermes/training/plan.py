@@ -24,6 +24,7 @@ from hermes.data.catalog import Catalog, load_catalog
 from hermes.data.sampling import training_cases
 from hermes.errors import ConfigError, DataError, HermesError
 from hermes.models.architectures import patch_constraints
+from hermes.models.channel_stem import channel_inputs
 from hermes.models.registry import build_model
 from hermes.runtime import AmpSettings
 from hermes.training.checkpoint import checkpoint_path
@@ -108,6 +109,27 @@ def check_patch(config: TrainConfig) -> None:
         )
 
 
+def check_channels(config: TrainConfig, data: RunData) -> None:
+    """Every training dataset's channels against the model's first layer: a plain convolution
+    (``channel_fusion: none``) reads exactly ``model.in_channels`` channels."""
+    if config.model.channel_fusion == "mean":
+        return
+    entries = [data.catalog.dataset(name) for name in data.train_cases]
+    counts = {entry.num_channels for entry in entries}
+    detail = ", ".join(f"{e.name}: {e.num_channels} ({', '.join(e.channel_names)})" for e in entries)
+    if len(counts) > 1:
+        raise ConfigError(
+            f"training datasets have different channel counts ({detail}); model.channel_fusion: none takes "
+            "one fixed count: set model.channel_fusion: mean (one stem per channel, averaged over the channels "
+            "present) to train them in one model"
+        )
+    if counts != {config.model.in_channels}:
+        raise ConfigError(
+            f"model.in_channels is {config.model.in_channels} but the training datasets have {detail} channels; "
+            "set model.in_channels to match, or model.channel_fusion: mean"
+        )
+
+
 def build_checked_model(config: TrainConfig, data: RunData, device: torch.device, amp: AmpSettings) -> tuple[nn.Module, list[str]]:
     """Build the model on ``device`` and run one forward/backward on a zero patch.
 
@@ -115,6 +137,7 @@ def build_checked_model(config: TrainConfig, data: RunData, device: torch.device
     ``find_unused_parameters``).
     """
     catalog = data.catalog
+    check_channels(config, data)
     model = build_model(
         config.model,
         num_tasks=catalog.num_tasks,
@@ -124,23 +147,24 @@ def build_checked_model(config: TrainConfig, data: RunData, device: torch.device
     ).to(device)
     if amp.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    entry = catalog.dataset(next(iter(data.train_cases)))
+    # the dataset with the most channels: a fusing stem then runs on several channels too
+    entry = max((catalog.dataset(name) for name in data.train_cases), key=lambda e: e.num_channels)
     n_tasks = len(entry.task_ids)
     batch = {
-        "image": torch.zeros(1, config.model.in_channels, *config.data.patch_size, device=device),
+        "image": torch.zeros(1, entry.num_channels, *config.data.patch_size, device=device),
         "target": torch.zeros(1, n_tasks, *config.data.patch_size, device=device),
         "task_ids": torch.tensor([entry.task_ids], device=device),
         "task_mask": torch.ones(1, n_tasks, dtype=torch.bool, device=device),
         "modality_id": torch.tensor([entry.modality_id], device=device),
+        "channel_ids": torch.tensor([catalog.channel_modality_ids(entry)], device=device),
+        "channel_mask": torch.ones(1, entry.num_channels, dtype=torch.bool, device=device),
     }
-    if entry.num_channels != config.model.in_channels:
-        raise ConfigError(
-            f"model.in_channels is {config.model.in_channels} but dataset {entry.name!r} has "
-            f"{entry.num_channels} channels ({', '.join(entry.channel_names)})"
-        )
     try:
         with amp.autocast():
-            out = model(batch["image"], batch["task_ids"], batch["modality_id"], batch["task_mask"])
+            out = model(
+                batch["image"], batch["task_ids"], batch["modality_id"], batch["task_mask"],
+                **channel_inputs(model, batch),
+            )
             loss = HermesLoss(config.loss)(out, batch)["total"]
         loss.backward()
     except HermesError:
@@ -171,8 +195,9 @@ def model_bundle(
     catalog = data.catalog
     plans = {name: plan.to_dict() for name, plan in data.cache.plans.items() if name in data.train_cases}
     by_modality: dict[str, dict[str, Any]] = {}
-    # Per modality, the plan of the dataset with the most training cases.
-    for name in sorted(data.train_cases, key=lambda n: -len(data.train_cases[n])):
+    # Per modality, the plan of the dataset with the most training cases; single-channel plans
+    # first (an image of an unseen dataset is one channel far more often than a full set).
+    for name in sorted(data.train_cases, key=lambda n: (catalog.dataset(n).num_channels != 1, -len(data.train_cases[n]))):
         if name in plans:
             by_modality.setdefault(catalog.dataset(name).modality, plans[name])
     datasets = [entry.to_dict() for entry in catalog.datasets if entry.name in data.train_cases]

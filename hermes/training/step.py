@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hermes.models.channel_stem import channel_inputs
 from hermes.runtime import AmpSettings
 from hermes.training.loss import HermesLoss
 from hermes.training.optim import clip_gradients
@@ -79,13 +80,16 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with amp.autocast():
         if medcontext is None:
-            terms = loss_fn(model(image, task_ids, modality_id, task_mask), batch)
+            terms = loss_fn(model(image, task_ids, modality_id, task_mask, **channel_inputs(model, batch)), batch)
         else:
             n = image.shape[0]
             masked, hidden = medcontext.mask(image, generator)
-            teacher = medcontext.teacher_probabilities(image, task_ids, modality_id, task_mask)
+            teacher = medcontext.teacher_probabilities(
+                image, task_ids, modality_id, task_mask, **channel_inputs(medcontext.teacher, batch)
+            )
             out = model(
-                torch.cat([image, masked]), task_ids.repeat(2, 1), modality_id.repeat(2), task_mask.repeat(2, 1)
+                torch.cat([image, masked]), task_ids.repeat(2, 1), modality_id.repeat(2), task_mask.repeat(2, 1),
+                **channel_inputs(model, batch, repeat=2),
             )
             terms = loss_fn(_half(out, slice(0, n)), batch)  # the masked half stays out of the modality loss
             extra = medcontext.loss(

@@ -31,10 +31,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hermes.bundle import migrate_model_config
 from hermes.config import TrainConfig, dump_config
 from hermes.data.cache import load_cached_case
 from hermes.data.cache_lock import read_lock
 from hermes.data.loader import make_train_loader
+from hermes.data.sampling import model_data_config
 from hermes.errors import ConfigError
 from hermes.fileio import atomic_write_text
 from hermes.models.registry import network_spec, save_model
@@ -91,6 +93,8 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     current = config.model_dump(mode="json")
+    # a checkpoint written before a model key existed holds the value that rebuilds its network
+    saved = {**saved, "model": migrate_model_config(saved.get("model") or {})}
     changed = [key for key in _RESUME_SECTIONS if saved.get(key) != current.get(key)]
     if saved.get("data", {}).get("patch_size") != current["data"]["patch_size"]:
         changed.append("data.patch_size")
@@ -206,7 +210,7 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
 
     net = wrap_model(model, ctx, find_unused=bool(unused))
     loader = make_train_loader(
-        data.catalog, config.cache, config.data, config.seed, ctx.rank, ctx.world_size, start, cases=data.train_cases
+        data.catalog, config.cache, model_data_config(config.data, config.model), config.seed, ctx.rank, ctx.world_size, start, cases=data.train_cases
     )
     logger = TrainLogger(out, enabled=ctx.is_main, resume_step=start if resume else None)
     validator = _validator(config, data, ctx, amp)

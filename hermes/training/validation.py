@@ -27,6 +27,7 @@ from hermes.data.annotation import cached_task_annotation
 from hermes.data.catalog import Catalog, DatasetEntry
 from hermes.evaluation.metrics import dice
 from hermes.inference.sliding_window import central_window, sliding_window_inference
+from hermes.models.channel_stem import channel_inputs
 
 
 def task_targets(label: np.ndarray, entry: DatasetEntry) -> np.ndarray:
@@ -71,11 +72,15 @@ class Validator:
     ) -> torch.Tensor:
         task_ids = torch.tensor([entry.task_ids], dtype=torch.long, device=self.device)
         modality = torch.tensor([entry.modality_id], dtype=torch.long, device=self.device)
+        channel_ids = torch.tensor([self.catalog.channel_modality_ids(entry)], dtype=torch.long, device=self.device)
+        present = torch.ones_like(channel_ids, dtype=torch.bool)
 
         def network(window: torch.Tensor) -> torch.Tensor:
             n = window.shape[0]
             ids = task_ids.expand(n, -1)
-            return model(window, ids, modality.expand(n), torch.ones_like(ids, dtype=torch.bool)).logits
+            prompt = {"channel_ids": channel_ids.expand(n, -1), "channel_mask": present.expand(n, -1)}
+            extra = channel_inputs(model, prompt)
+            return model(window, ids, modality.expand(n), torch.ones_like(ids, dtype=torch.bool), **extra).logits
 
         return sliding_window_inference(
             image,
