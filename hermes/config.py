@@ -115,7 +115,9 @@ class ModelConfig(Strict):
     # the tiny preset); "mlp": a per-voxel two-layer MLP of them (1x1 conv, norm, LeakyReLU,
     # 1x1 conv) to prototype_dim, so that many tasks with conflicting protocols (a kidney that
     # includes its tumour in one dataset and excludes it in another) get separable directions.
-    feature_head: Literal["linear", "mlp"] = "linear"
+    # "mlp" is the default: on the synthetic screen (docs/benchmarks.md 1g) "linear" lost whole
+    # tasks (aorta, kidney tumour at Dice 0); models saved before the option load as "linear".
+    feature_head: Literal["linear", "mlp"] = "mlp"
     attention_head_dim: int = 32  # paper: dim_head 32, heads = width / 32
     # "dot": the paper's bare prototype . feature logit; "affine": plus a learned scale and bias
     # per task (hermes/models/heads.py TaskLogitCalibration).

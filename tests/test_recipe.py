@@ -245,6 +245,24 @@ def test_model_saved_before_calibration_existed_still_loads(tmp_path) -> None:
                            loaded(image, torch.tensor([[0]]), torch.tensor([0])).logits)
 
 
+def test_model_saved_before_the_feature_head_existed_loads_as_linear(tmp_path) -> None:
+    import json
+
+    assert ModelConfig().feature_head == "mlp"  # the default for new models
+    model = build_model(ModelConfig(feature_head="linear"), num_tasks=3, num_modalities=2, patch_size=[32] * 3)
+    save_model(tmp_path / "m", model)
+    spec_path = tmp_path / "m" / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    del spec["network"]["config"]["feature_head"]  # as written by the code before the option
+    spec_path.write_text(json.dumps(spec))
+    loaded, bundle = load_model(tmp_path / "m")
+    assert bundle.network.config.feature_head == "linear" and loaded.feature_projection is None
+    image = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(image, torch.tensor([[0]]), torch.tensor([0])).logits,
+                           loaded(image, torch.tensor([[0]]), torch.tensor([0])).logits)
+
+
 # --------------------------------------------------------------------------------------------
 # EMA window, float32 tiny maps, the universal ResUNet
 # --------------------------------------------------------------------------------------------
@@ -299,8 +317,8 @@ def test_paper_presets_switch_every_recipe_option_back(preset) -> None:
     config = TrainConfig.model_validate(deep_merge(load_preset(preset), {"catalog": "c", "cache": "k", "output": "o"}))
     default = TrainConfig.model_validate({"catalog": "c", "cache": "k", "output": "o"})
     paper = (config.loss.reduction, config.optim.param_groups, config.model.prototype_logit,
-             config.ema_window_fraction, config.final_weights, config.data.modality_dropout)
-    assert paper == ("pair", "single", "dot", None, "ema", 0.0)
+             config.ema_window_fraction, config.final_weights, config.model.feature_head, config.data.modality_dropout)
+    assert paper == ("pair", "single", "dot", None, "ema", "linear", 0.0)
     ours = (default.loss.reduction, default.optim.param_groups, default.model.prototype_logit,
-            default.ema_window_fraction, default.final_weights)
+            default.ema_window_fraction, default.final_weights, default.model.feature_head)
     assert all(a != b for a, b in zip(paper, ours))
