@@ -22,7 +22,11 @@ TASKS = ("CTSet/liver", "CTSet/kidney")
 
 
 def _fake_network(
-    self: Predictor, prompt: Sequence[int], keep: Sequence[int], modality_id: int
+    self: Predictor,
+    prompt: Sequence[int],
+    keep: Sequence[int],
+    modality_id: int,
+    channels: dict[str, torch.Tensor] | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Deterministic logits from the normalised CT (no training needed): task 0 = soft tissue
     and brighter (HU > -260), task 1 = bone/contrast (HU > 190); they overlap."""
