@@ -529,12 +529,18 @@ def predict(checkpoint_path: Path, model_dir: Path, trainer_class: type, images:
             device: Any, mirroring: bool) -> None:
     """nnUNetPredictor on checkpoint_final, set up as initialize_from_trained_model_folder does; the
     network is built here because nnU-Net looks trainer classes up by name in its own package."""
+    # The checkpoint is nnU-Net's own, written by this script's training run; it is still read
+    # with the restricted unpickler (weights_only), allowing only the numpy scalar and dtype
+    # types nnU-Net's logging stores in it.
+    import numpy as np
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    allowed = [np._core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in ("float32", "float64", "int64")}]
+    with torch.serialization.safe_globals(allowed):
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     dataset_json = _load_json(model_dir / "dataset.json")
     plans_manager = PlansManager(_load_json(model_dir / "plans.json"))
     configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
