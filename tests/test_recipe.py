@@ -228,39 +228,34 @@ def test_mlp_feature_head_gives_tasks_more_directions_than_the_decoder_width(fea
         assert rank == 12
 
 
-def test_model_saved_before_calibration_existed_still_loads(tmp_path) -> None:
+def _reloaded_without_config_key(tmp_path, config: ModelConfig, key: str):
+    """Save a model, drop ``key`` from its saved config (as the code before that option wrote
+    it), reload it and check it gives the same logits; returns (loaded model, bundle)."""
     import json
 
-    model = build_model(ModelConfig(prototype_logit="dot"), num_tasks=3, num_modalities=2, patch_size=[32] * 3)
+    model = build_model(config, num_tasks=3, num_modalities=2, patch_size=[32] * 3)
     save_model(tmp_path / "m", model)
     spec_path = tmp_path / "m" / "spec.json"
     spec = json.loads(spec_path.read_text())
-    del spec["network"]["config"]["prototype_logit"]  # as written by the code before the option
+    del spec["network"]["config"][key]
     spec_path.write_text(json.dumps(spec))
-    loaded, _ = load_model(tmp_path / "m")
-    assert loaded.logit_calibration is None
+    loaded, bundle = load_model(tmp_path / "m")
     image = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(image, torch.tensor([[0]]), torch.tensor([0])).logits,
                            loaded(image, torch.tensor([[0]]), torch.tensor([0])).logits)
+    return loaded, bundle
+
+
+def test_model_saved_before_calibration_existed_still_loads(tmp_path) -> None:
+    loaded, _ = _reloaded_without_config_key(tmp_path, ModelConfig(prototype_logit="dot"), "prototype_logit")
+    assert loaded.logit_calibration is None
 
 
 def test_model_saved_before_the_feature_head_existed_loads_as_linear(tmp_path) -> None:
-    import json
-
     assert ModelConfig().feature_head == "mlp"  # the default for new models
-    model = build_model(ModelConfig(feature_head="linear"), num_tasks=3, num_modalities=2, patch_size=[32] * 3)
-    save_model(tmp_path / "m", model)
-    spec_path = tmp_path / "m" / "spec.json"
-    spec = json.loads(spec_path.read_text())
-    del spec["network"]["config"]["feature_head"]  # as written by the code before the option
-    spec_path.write_text(json.dumps(spec))
-    loaded, bundle = load_model(tmp_path / "m")
+    loaded, bundle = _reloaded_without_config_key(tmp_path, ModelConfig(feature_head="linear"), "feature_head")
     assert bundle.network.config.feature_head == "linear" and loaded.feature_projection is None
-    image = torch.randn(1, 1, 32, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model.eval()(image, torch.tensor([[0]]), torch.tensor([0])).logits,
-                           loaded(image, torch.tensor([[0]]), torch.tensor([0])).logits)
 
 
 # --------------------------------------------------------------------------------------------
