@@ -255,6 +255,11 @@ def test_equal_total_compute_end_to_end_resumes_and_merges(tmp_path: Path, capsy
     for name in ("result.json", "train_timing.json"):
         (run_dir / name).unlink()
     shutil.rmtree(run_dir / "train/model")
+    # --report-only trains nothing, neither the unfinished run nor a seed never started.
+    assert hermes_main([*_cli(work, "--models", "resunet", "shared_resunet", "--seeds", "0", "1", "2"), "--report-only"]) == 0
+    report_only = capsys.readouterr().out
+    assert ": training " not in report_only and report_only.count("not trained (--report-only)") == 4
+    assert not (run_dir / "result.json").exists() and not (work / "runs/resunet/LiverCT/seed2").exists()
     assert hermes_main(argv) == 0
     third = capsys.readouterr().out
     assert third.count(": training ") == 1 and third.count("done earlier, skipped") == 5

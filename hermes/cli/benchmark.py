@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("--threads", type=POSITIVE_INT, default=1, help=f"torch threads, {POSITIVE_INT} (default 1: one core per benchmark)")
     runs.add_argument("--device", help="evaluation device (default: the predictor's choice)")
     runs.add_argument("--deadline", help="HH:MM local time (its next occurrence, within 24 h): start no new run after it; the tables are still written")
+    runs.add_argument("--report-only", action="store_true",
+                      help="train nothing: write the tables from the runs already finished under WORK")
     runs.add_argument("--progress", action="store_true", help="a progress bar within each training run")
 
     scoring = parser.add_argument_group("scoring")
@@ -97,6 +99,6 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads, loader_workers=args.loader_workers, prepare_workers=args.prepare_workers,
         device=args.device, compare=args.compare, bootstrap_samples=args.bootstrap_samples,
         bootstrap_seed=args.bootstrap_seed, summary_into=args.summary_into, deadline=args.deadline,
-        progress=args.progress, command=command_line(),
+        report_only=args.report_only, progress=args.progress, command=command_line(),
     )  # fmt: skip
     return run_benchmark(options)

@@ -135,6 +135,9 @@ class BenchmarkOptions:
     bootstrap_seed: int = 0
     summary_into: Path | None = None
     deadline: str | None = None
+    # Write the tables from the runs already finished under WORK; train nothing (a table can be
+    # rebuilt, e.g. with --summary-into, while other seeds are still running or not started).
+    report_only: bool = False
     progress: bool = False
     command: str = ""
 
@@ -520,6 +523,9 @@ def run_benchmark(options: BenchmarkOptions) -> int:
         name = f"({index}/{len(runs)}) {run.name()}"
         if (run_dir / report.RESULT_FILE).exists():
             log(f"{name}: done earlier, skipped")
+            continue
+        if options.report_only:
+            log(f"{name}: not trained (--report-only)")
             continue
         if deadline is not None and datetime.datetime.now() > deadline:
             log(f"{name}: not started (past the deadline {options.deadline})")
