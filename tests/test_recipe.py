@@ -228,6 +228,35 @@ def test_mlp_feature_head_gives_tasks_more_directions_than_the_decoder_width(fea
         assert rank == 12
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_mlp_head_folded_norm_equals_the_layer_stack(channels_last) -> None:
+    """FeatureMlp computes conv -> instance norm -> LeakyReLU -> conv as per-sample GEMMs (the
+    norm folded into the first layer): same values and gradients as running its layers."""
+    from hermes.models.heads import FeatureMlp
+
+    torch.manual_seed(0)
+    head = FeatureMlp(8, 32, "instance")
+    features = 3.0 * torch.randn(2, 8, 12, 10, 9) + 1.5
+    if channels_last:
+        features = features.to(memory_format=torch.channels_last_3d)
+    outputs, grads = [], []
+    for run in (head.forward, head.layers):
+        x = features.clone().requires_grad_(True)
+        head.zero_grad()
+        out = run(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out)
+        grads.append((x.grad, head.layers[0].weight.grad.clone(), head.layers[3].weight.grad.clone()))
+    assert outputs[0].shape == outputs[1].shape == (2, 32, 12, 10, 9)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+    for folded, stacked in zip(grads[0], grads[1]):
+        assert torch.allclose(folded, stacked, atol=1e-4, rtol=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the training precision: bf16 rounding only
+        low = head(features)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - outputs[1].detach()).abs().max() < 0.05 * outputs[1].abs().max()
+
+
 def _reloaded_without_config_key(tmp_path, config: ModelConfig, key: str):
     """Save a model, drop ``key`` from its saved config (as the code before that option wrote
     it), reload it and check it gives the same logits; returns (loaded model, bundle)."""

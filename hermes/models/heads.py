@@ -72,7 +72,44 @@ class FeatureMlp(nn.Module):
         )
 
     def forward(self, features: Tensor) -> Tensor:
+        norm = self.layers[1]
+        # The ONNX export keeps the layer stack (the same function; ONNX Runtime has its own
+        # kernels, and the folded form's batched GEMMs did not keep a dynamic batch there).
+        exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+        if isinstance(norm, nn.InstanceNorm3d) and not norm.affine and features.dim() == 5 and not exporting:
+            return self._folded_instance_norm(features, norm.eps)
         return self.layers(features)
+
+    def _folded_instance_norm(self, features: Tensor, eps: float) -> Tensor:
+        """The same function as ``self.layers`` with instance norm, computed as GEMMs on the
+        channels-last voxels.
+
+        Written by hand because it is faster: instance norm after a 1x1 conv is an affine map
+        per sample, ``(W1 x - W1 mu) / sqrt(diag(W1 Cov W1^T) + eps)``, whose statistics come from
+        the input's C x C second moments (one small GEMM). The layer stack instead converts the
+        32-channel full-resolution maps between channels-last and NCDHW around the norm and the
+        convolutions. Measured on this CPU (one thread, bf16 autocast, 2 x 8 x 48^3 -> 32 channels,
+        forward + backward including the prototype product): 308 ms -> 175 ms; without any norm
+        104 ms. Same parameters (old weights load unchanged); same values within float rounding
+        (tests/test_recipe.py).
+        """
+        first = self.layers[0].weight.flatten(1).float()  # (D, C)
+        second = self.layers[3].weight.flatten(1)  # (D, D)
+        # (B, N, C): a view of channels-last features (no shape arithmetic, so that an ONNX
+        # export keeps batch and volume dynamic).
+        voxels = features.flatten(2).transpose(1, 2).float()
+        mean = voxels.mean(1)  # (B, C)
+        moments = torch.bmm(voxels.transpose(1, 2), voxels) / voxels.shape[1]  # (B, C, C)
+        covariance = moments - mean.unsqueeze(2) * mean.unsqueeze(1)
+        variance = torch.einsum("dc,bce,de->bd", first, covariance, first).clamp_min(0.0)  # of W1 x
+        weight = first.unsqueeze(0) * torch.rsqrt(variance + eps).unsqueeze(2)  # (B, D, C)
+        bias = -torch.bmm(weight, mean.unsqueeze(2)).transpose(1, 2)  # (B, 1, D)
+        device = features.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
+        hidden = torch.baddbmm(bias.to(dtype), voxels.to(dtype), weight.transpose(1, 2).to(dtype))
+        hidden = nn.functional.leaky_relu(hidden, self.layers[2].negative_slope)
+        out = torch.matmul(hidden, second.t().to(dtype))  # (B, N, D)
+        return out.transpose(1, 2).unflatten(2, features.shape[2:])  # (B, D, *S), channels-last strides
 
 
 class TaskLogitCalibration(nn.Module):
