@@ -66,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 # they are supervised on visible voxels only (docs/medcontext.md, "Lesions").
 LESION_SHORT_NAMES = ("liver_tumour", "kidney_tumour", "lesion")
 VARIANTS = ("baseline", "medcontext")
+LOG_EVERY = 10  # train_log.csv rows every 10 steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def run_config(
         "steps": steps,
         "precision": args.precision,
         "checkpoint_every": steps,
-        "log_every": 10,
+        "log_every": LOG_EVERY,
         "model": {"architecture": args.architecture, "preset": "tiny"},
         "data": {
             "patch_size": list(args.patch),
@@ -433,11 +434,16 @@ def grid_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def term_gradients_every(steps: int) -> int:
+    """About steps / 20, rounded to a multiple of the logging interval: the last 20 % of the run
+    then holds three or four gradient-share measurements (the config default, every 100 steps,
+    leaves none there in a 300-step run), and the log windows between them time clean steps."""
+    return LOG_EVERY * max(1, round(steps / 20 / LOG_EVERY))
+
+
 def grid_medcontext(args: argparse.Namespace, task_names: list[str]) -> dict[str, Any]:
-    """What every arm starts from: the bench's MedContext settings, plus term gradients every
-    steps/20 steps, so that the last 20 % of the run holds about four gradient-share measurements
-    (the config default, every 100 steps, leaves none there in a 300-step run)."""
-    return {**bench_medcontext(args, task_names), "term_gradients_every": max(1, args.steps // 20)}
+    """What every arm starts from: the bench's MedContext settings and `term_gradients_every`."""
+    return {**bench_medcontext(args, task_names), "term_gradients_every": term_gradients_every(args.steps)}
 
 
 def time_ratio(args: argparse.Namespace, work: Path) -> tuple[float, str, dict[str, Any] | None]:
@@ -535,7 +541,7 @@ def grid_section(
     equal_time: tuple[int, float, str] | None,
 ) -> list[str]:
     """The report's grid part: settings, then per shots and budget view one table of arms."""
-    every = max(1, args.steps // 20)
+    every = term_gradients_every(args.steps)
     arm_list = "; ".join(f"`{name}` {json.dumps(o) if o else '(bench settings)'}" for name, o in arms.items())
     lines = [
         "## MedContext ablation grid (few-shot test Dice, synthetic cohort)",

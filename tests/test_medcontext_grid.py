@@ -118,7 +118,8 @@ def test_grid_run_config_is_a_valid_train_config(tmp_path: Path, monkeypatch: py
                            mask_patch=[4, 4, 4], scale=0.5, cohort_seed=0, test_cases=4)
     names = ["D1/liver", "D1/liver_tumour", "D2/lesion"]
     defaults = bench.grid_medcontext(args, names)
-    assert defaults["exclude_tasks"] == ["D1/liver_tumour", "D2/lesion"] and defaults["term_gradients_every"] == 15
+    assert defaults["exclude_tasks"] == ["D1/liver_tumour", "D2/lesion"] and defaults["term_gradients_every"] == 20
+    assert [bench.term_gradients_every(n) for n in (4, 150, 300, 1000)] == [10, 10, 20, 50]
     medcontext = grid.resolve_arm({"mask_shape": "tubes", "masked_rampup_fraction": 0.5}, defaults, args.steps)
     config = bench.run_config(tmp_path / "c.yaml", tmp_path / "cache", tmp_path / "out", 1, 300, args, medcontext,
                               num_workers=0)

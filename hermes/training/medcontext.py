@@ -135,9 +135,10 @@ class MedContext:
         masked, hidden = mc.mask(image, generator)
         out_m = model(masked, task_ids, modality_id, task_mask)
         t = mc.teacher_probabilities(image, task_ids, modality_id, task_mask)
-        losses = mc.loss(out_m.logits, t, target, task_ids, task_mask, hidden, step, seg_loss)
+        losses = mc.loss(out_m.logits, t, target, task_ids, task_mask, hidden, step, seg_loss,
+                         supervised=clean_seg)  # clean_seg: needed by consistency_target_fraction
         (seg + modality + losses["total"]).backward(); optimizer.step()
-        mc.update_teacher(model, step)
+        mc.update_teacher(model, step)  # after mc.set_total_steps(n) once (cosine momentum)
 
     Keep the masked pass out of the modality loss, otherwise the modality classifier learns the
     mask artefact.
