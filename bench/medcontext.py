@@ -1,4 +1,5 @@
-"""MedContext on the synthetic cohort: few-shot test Dice with and without it, and its cost.
+"""MedContext on the synthetic cohort: few-shot test Dice with and without it, its cost, and an
+ablation grid.
 
 Few-shot benchmark. For each number of training cases per dataset (``--shots``) and each seed
 (``--seeds``), the same model trains twice for the same number of steps: once as the baseline
@@ -15,10 +16,23 @@ Cost. Median wall time of the trainer's own ``train_step`` (plus EMA / teacher u
 and without MedContext, on the same model and batch, interleaved so that machine load hits
 both alike. A fresh subprocess per variant gives the peak resident memory.
 
+Ablation grid (``--grid FILE``, see bench/medcontext_grid.py for the file format). Every arm
+of the file is a MedContext variant; the baseline without MedContext is trained once per
+(shots, seed) and shared by all arms. ``--equal-time`` also trains a baseline for
+``round(steps * r)`` steps, where r is the MedContext / baseline step-time ratio (measured once
+with the cost code and kept in ``WORK/time_ratio.json``, or given with ``--time-ratio``), and
+the report compares every arm with both baselines: arm minus baseline, paired by seed and test
+case, with a bootstrap 95 % interval over seeds and test cases. Grid runs use
+``num_workers: 0`` (a loader worker competes for the cores with the training process).
+
     .venv/bin/python bench/medcontext.py --out docs/bench/medcontext.md
     .venv/bin/python bench/medcontext.py --cost-only          # just the per-step cost
+    OMP_NUM_THREADS=1 .venv/bin/python bench/medcontext.py --grid bench/medcontext_grid.yaml \
+        --work runs/mcgrid --shots 3 --steps 300 --seeds 0 1 2 --equal-time --out docs/bench/medcontext_grid.md
 
-Runs are resumable: results go to ``WORK/results.jsonl`` and finished runs are skipped.
+Runs are resumable: results go to ``WORK/results.jsonl`` and finished runs are skipped (grid
+runs by a key of the settings, shots, seed, arm name and the arm's resolved config, so a
+changed arm trains again).
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -38,18 +53,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import medcontext_grid as grid  # bench/medcontext_grid.py (this script's folder is on sys.path)
 import torch
 import yaml
 from tqdm.auto import tqdm
 
 from hermes.config import LossConfig, MedContextConfig, ModelConfig, OptimConfig
-from hermes.fileio import atomic_write_text
+from hermes.fileio import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 # Short names of the cohort's lesion tasks: context cannot predict a lesion under the mask, so
 # they are supervised on visible voxels only (docs/medcontext.md, "Lesions").
 LESION_SHORT_NAMES = ("liver_tumour", "kidney_tumour", "lesion")
 VARIANTS = ("baseline", "medcontext")
+LOG_EVERY = 10  # train_log.csv rows every 10 steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,42 +276,44 @@ def prepare_shots(work: Path, shots: int, args: argparse.Namespace) -> tuple[Pat
     return catalog_path, cache
 
 
+def bench_medcontext(args: argparse.Namespace, task_names: list[str]) -> dict[str, Any]:
+    """The bench's MedContext settings: config defaults except the mask cell and the lesions."""
+    lesions = [n for n in task_names if n.rsplit("/", 1)[-1] in LESION_SHORT_NAMES]
+    return {"enabled": True, "mask_patch": list(args.mask_patch), "exclude_tasks": lesions}
+
+
 def run_config(
     catalog: Path,
     cache: Path,
     output: Path,
     seed: int,
-    variant: str,
+    steps: int,
     args: argparse.Namespace,
-    task_names: list[str],
+    medcontext: dict[str, Any] | None,
+    num_workers: int = 1,
 ) -> dict[str, Any]:
     config: dict[str, Any] = {
         "catalog": str(catalog),
         "cache": str(cache),
         "output": str(output),
         "seed": seed,
-        "steps": args.steps,
+        "steps": steps,
         "precision": args.precision,
-        "checkpoint_every": args.steps,
-        "log_every": 10,
+        "checkpoint_every": steps,
+        "log_every": LOG_EVERY,
         "model": {"architecture": args.architecture, "preset": "tiny"},
         "data": {
             "patch_size": list(args.patch),
             "batch_size": 2,
-            "num_workers": 1,
+            "num_workers": num_workers,
             "val_fraction": 0.0,
             "val_min_cases": 0,
         },
-        "validation": {"every_steps": args.steps + 1},
-        "optim": {"warmup_steps": min(50, args.steps // 10)},
+        "validation": {"every_steps": steps + 1},
+        "optim": {"warmup_steps": min(50, steps // 10)},
     }
-    if variant == "medcontext":
-        lesions = [n for n in task_names if n.rsplit("/", 1)[-1] in LESION_SHORT_NAMES]
-        config["medcontext"] = {
-            "enabled": True,
-            "mask_patch": list(args.mask_patch),
-            "exclude_tasks": lesions,
-        }
+    if medcontext is not None:
+        config["medcontext"] = dict(medcontext)
     return config
 
 
@@ -308,6 +327,7 @@ def train_and_score(config_path: Path) -> dict[str, Any]:
     result = train(config, progress=False)
     train_s = time.perf_counter() - start
     evaluation = evaluate_model(result.model_dir, config.catalog, split="test", device="cpu", progress=False)
+    eval_s = time.perf_counter() - start - train_s
     summary = evaluation.summary
     # Training speed and loss terms from the trainer's own log (excludes set-up and saving).
     with (result.output / "train_log.csv").open() as handle:
@@ -328,8 +348,17 @@ def train_and_score(config_path: Path) -> dict[str, Any]:
         "dice": summary["overall"]["mean_over_datasets"]["dice"],
         "dice_per_dataset": {name: d["mean"]["dice"]["mean"] for name, d in summary["datasets"].items()},
         "train_s": train_s,
+        "eval_s": eval_s,
         "step_s": seconds / max(previous, 1.0),
         "final_terms": terms,
+        "log": grid.log_summary(log_rows),
+        # per test case and task, for paired bootstraps (NaN Dice: reference and prediction empty)
+        "cases": [
+            {"dataset": r["dataset"], "case": str(r["case"]), "task": r["task"],
+             "dice": None if math.isnan(float(r["dice"])) else float(r["dice"])}
+            for r in evaluation.rows
+            if r.get("annotated", True)
+        ],
     }
 
 
@@ -343,6 +372,8 @@ def fewshot(args: argparse.Namespace) -> list[dict[str, Any]]:
     if results_path.is_file():
         for line in results_path.read_text().splitlines():
             row = json.loads(line)
+            if "grid_key" in row:  # a --grid run
+                continue
             if row["steps"] == args.steps and row["patch"] == list(args.patch) and row["scale"] == args.scale:
                 done[(row["shots"], row["seed"], row["variant"])] = row
     jobs = [(s, seed, v) for s in args.shots for seed in args.seeds for v in VARIANTS]
@@ -362,7 +393,8 @@ def fewshot(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if run_dir.exists():  # an interrupted run: start it again from scratch
                     shutil.rmtree(run_dir)
                 config_path = work / f"configs/{run_dir.name}.yaml"
-                config = run_config(catalog, cache, run_dir, seed, variant, args, task_names)
+                medcontext = bench_medcontext(args, task_names) if variant == "medcontext" else None
+                config = run_config(catalog, cache, run_dir, seed, args.steps, args, medcontext)
                 atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
                 bar.set_postfix_str(run_dir.name)
                 row = {
@@ -380,6 +412,200 @@ def fewshot(args: argparse.Namespace) -> list[dict[str, Any]]:
                 bar.update(1)
     bar.close()
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablation grid
+# ----------------------------------------------------------------------------------------------
+TIME_RATIO_FILE = "time_ratio.json"
+
+
+def grid_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The bench settings every grid run shares (part of each run's resume key)."""
+    return {
+        "architecture": args.architecture,
+        "precision": args.precision,
+        "patch": list(args.patch),
+        "scale": args.scale,
+        "cohort_seed": args.cohort_seed,
+        "test_cases": args.test_cases,
+        "batch_size": 2,
+        "num_workers": 0,
+    }
+
+
+def term_gradients_every(steps: int) -> int:
+    """About steps / 20, rounded to a multiple of the logging interval: the last 20 % of the run
+    then holds three or four gradient-share measurements (the config default, every 100 steps,
+    leaves none there in a 300-step run), and the log windows between them time clean steps."""
+    return LOG_EVERY * max(1, round(steps / 20 / LOG_EVERY))
+
+
+def grid_medcontext(args: argparse.Namespace, task_names: list[str]) -> dict[str, Any]:
+    """What every arm starts from: the bench's MedContext settings and `term_gradients_every`."""
+    return {**bench_medcontext(args, task_names), "term_gradients_every": term_gradients_every(args.steps)}
+
+
+def time_ratio(args: argparse.Namespace, work: Path) -> tuple[float, str, dict[str, Any] | None]:
+    """(MedContext / baseline step-time ratio, where it comes from, the cost measurement or None).
+
+    ``--time-ratio`` wins. Otherwise the ratio is measured once with the cost code (default
+    ``MedContextConfig``, the bench's mask cell) and kept in WORK/time_ratio.json, so a resumed
+    grid keeps its equal-time baseline instead of re-measuring a slightly different ratio and
+    training another one.
+    """
+    if args.time_ratio is not None:
+        return args.time_ratio, "given with `--time-ratio`", None
+    setting = {"architecture": args.architecture, "precision": args.precision, "patch": list(args.patch),
+               "mask_patch": list(args.mask_patch), "cost_tasks": args.cost_tasks}
+    path = work / TIME_RATIO_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored["setting"] == setting:
+            return stored["ratio"], f"measured on {stored['date']} with the cost code (kept in WORK/{TIME_RATIO_FILE})", \
+                stored["cost"]
+    cost = measure_cost(args)
+    ratio = cost["median_s"]["medcontext"] / cost["median_s"]["baseline"]
+    atomic_write_json(path, {"ratio": ratio, "setting": setting, "date": datetime.date.today().isoformat(),
+                             "cost": cost})
+    return ratio, f"measured at the start of the grid with the cost code (kept in WORK/{TIME_RATIO_FILE})", cost
+
+
+def grid_jobs(
+    args: argparse.Namespace, work: Path, arms: dict[str, dict[str, Any]], equal_time_steps: int | None
+) -> list[dict[str, Any]]:
+    """Every run of the grid, in order: per shots and seed, the baseline(s), then the arms."""
+    from hermes.data.catalog import load_catalog
+
+    settings = grid_settings(args)
+    jobs = []
+    for shots in args.shots:
+        catalog, cache = prepare_shots(work, shots, args)
+        defaults = grid_medcontext(args, load_catalog(catalog).task_names)
+        baseline_steps = sorted({args.steps, equal_time_steps or args.steps})
+        for seed in args.seeds:
+            runs: list[tuple[str, int, dict[str, Any] | None]] = [(grid.BASELINE, n, None) for n in baseline_steps]
+            runs += [(name, args.steps, grid.resolve_arm(o, defaults, args.steps)) for name, o in arms.items()]
+            for arm, steps, medcontext in runs:
+                key = grid.run_key(settings, shots, seed, arm, steps, medcontext)
+                jobs.append({"key": key, "catalog": catalog, "cache": cache})
+    return jobs
+
+
+def run_grid(
+    args: argparse.Namespace, arms: dict[str, dict[str, Any]], equal_time_steps: int | None, code_version: str
+) -> list[dict[str, Any]]:
+    work = args.work.resolve()
+    results_path = work / "results.jsonl"
+    jobs = grid_jobs(args, work, arms, equal_time_steps)
+    done = grid.finished_runs(results_path)
+    finished = sum(grid.key_id(job["key"]) in done for job in jobs)
+    # `initial`: runs finished earlier count as done, so the rate and ETA are those of this session
+    bar = tqdm(total=len(jobs), initial=finished, desc="grid runs", unit="run", smoothing=0.1)
+    rows = []
+    for job in jobs:
+        key, kid = job["key"], grid.key_id(job["key"])
+        if kid in done:
+            rows.append(done[kid])
+            continue
+        name = f"{key['shots']}shot_seed{key['seed']}_{key['arm']}_{key['steps']}steps_{kid}"
+        run_dir = work / "grid_runs" / name
+        if run_dir.exists():  # an interrupted run: start it again from scratch
+            shutil.rmtree(run_dir)
+        config = run_config(job["catalog"], job["cache"], run_dir, key["seed"], key["steps"], args,
+                            key["medcontext"], num_workers=0)
+        config_path = work / f"grid_configs/{name}.yaml"
+        atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+        bar.set_postfix_str(name)
+        row = {
+            "grid_key": key,
+            "arm": key["arm"],
+            "shots": key["shots"],
+            "seed": key["seed"],
+            "steps": key["steps"],
+            "commit": code_version,
+            **train_and_score(config_path),
+        }
+        with results_path.open("a") as handle:  # append-only log, one line per finished run
+            handle.write(json.dumps(row) + "\n")
+        rows.append(row)
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+def grid_section(
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    arms: dict[str, dict[str, Any]],
+    equal_time: tuple[int, float, str] | None,
+) -> list[str]:
+    """The report's grid part: settings, then per shots and budget view one table of arms."""
+    every = term_gradients_every(args.steps)
+    arm_list = "; ".join(f"`{name}` {json.dumps(o) if o else '(bench settings)'}" for name, o in arms.items())
+    lines = [
+        "## MedContext ablation grid (few-shot test Dice, synthetic cohort)",
+        "",
+        f"- grid file: `{args.grid}`; arms: {arm_list}",
+        f"- cohort: `hermes.synthetic` (7 datasets, CT/MR/PET), scale {args.scale}, cohort seed "
+        f"{args.cohort_seed}, {args.test_cases} test cases per dataset",
+        f"- model: `{args.architecture}` tiny, patch {'×'.join(map(str, args.patch))}, batch 2, {args.steps} steps, "
+        f"precision {args.precision}, LAMB (defaults), `num_workers: 0`, no validation hold-out, final EMA "
+        "weights scored",
+        f"- every arm: MedContext with `mask_patch` {list(args.mask_patch)}, the lesion tasks "
+        f"({', '.join(LESION_SHORT_NAMES)}) in `exclude_tasks`, `term_gradients_every` {every}, and the "
+        "arm's overrides; other keys at their `MedContextConfig` defaults",
+        f"- seeds {', '.join(map(str, args.seeds))} (training seed: weights, batches, masks); the baseline "
+        "(no MedContext) is trained once per shots and seed and shared by all arms",
+    ]
+    if equal_time is not None:
+        steps_eq, ratio, source = equal_time
+        lines.append(f"- equal wall time: the baseline also trains {steps_eq} steps = round({args.steps} × r), "
+                     f"r = {ratio:.2f} the MedContext / baseline step-time ratio, {source}")
+    lines += [
+        "",
+        "Columns: Dice is the mean over datasets of the mean over each dataset's tasks (test split, oracle "
+        "prompts), mean ± sample standard deviation over seeds. Δ is arm minus baseline, paired by seed "
+        "and test case; its 95 % interval is a percentile bootstrap "
+        f"({args.bootstrap_samples} replicates) that resamples seeds, then test cases within each dataset "
+        "(`hermes.evaluation.paired`); with 3 seeds it is coarse. s / step: training seconds per step "
+        "from the trainer's log, over the windows without a term-gradient measurement. The term columns "
+        "are the mean over the last 20 % of the steps of the logged raw terms (seg: the clean supervised "
+        "loss), the effective consistency weight (ramps and `consistency_target_fraction` included) and "
+        "each term's share of the summed gradient norms (supervised / masked supervision / consistency).",
+        "",
+    ]
+    views = [("equal steps", args.steps)] + ([("equal wall time", equal_time[0])] if equal_time else [])
+    for shots in args.shots:
+        lines += [f"### {shots} training cases per dataset", ""]
+        mine = [r for r in rows if r["shots"] == shots]
+        arm_runs = {name: {r["seed"]: r for r in mine if r["arm"] == name} for name in arms}
+        for view, steps in views:
+            base = {r["seed"]: r for r in mine if r["arm"] == grid.BASELINE and r["steps"] == steps}
+            lines += [f"#### {view}: baseline {steps} steps, arms {args.steps} steps", "",
+                      *grid.arm_table(arm_runs, base, samples=args.bootstrap_samples), ""]
+        base = {r["seed"]: r for r in mine if r["arm"] == grid.BASELINE and r["steps"] == args.steps}
+        per_dataset = grid.dataset_table(arm_runs, base, samples=args.bootstrap_samples)
+        if per_dataset:
+            lines += ["Δ per dataset (equal steps):", "", *per_dataset, ""]
+    return lines
+
+
+def grid_main(args: argparse.Namespace, argv: list[str], code_version: str) -> int:
+    arms = grid.load_grid(args.grid)  # every arm checked before anything trains
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cost, equal_time = None, None
+    if args.equal_time:
+        ratio, source, cost = time_ratio(args, work)
+        equal_time = (round(args.steps * ratio), ratio, source)
+        print(f"equal wall time: baseline {equal_time[0]} steps (r = {ratio:.2f}, {source})", flush=True)
+    rows = run_grid(args, arms, equal_time[0] if equal_time else None, code_version)
+    body = grid_section(rows, args, arms, equal_time)
+    print("\n".join(body), flush=True)
+    if args.out is not None:
+        write_report(args.out, args, cost, body, argv, code_version, title="MedContext ablation grid")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,17 +689,41 @@ def fewshot_lines(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[
     ]
 
 
+def fewshot_section(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    return [
+        "## Few-shot test Dice on the synthetic cohort",
+        "",
+        f"- cohort: `hermes.synthetic` (7 datasets, CT/MR/PET), scale {args.scale}, cohort seed "
+        f"{args.cohort_seed}, {args.test_cases} test cases per dataset, "
+        f"{' and '.join(map(str, args.shots))} training cases per dataset",
+        f"- model: `{args.architecture}` tiny, patch {'×'.join(map(str, args.patch))}, batch 2, "
+        f"{args.steps} steps, precision {args.precision}, LAMB (defaults), no validation hold-out, "
+        "final EMA weights scored",
+        f"- MedContext: defaults of `MedContextConfig` (ratio 0.6, alpha 1, beta 1, no ramp-up, separate "
+        f"teacher 0.996, fill 0) except `mask_patch` {list(args.mask_patch)} and the lesion tasks "
+        f"({', '.join(LESION_SHORT_NAMES)}) in `exclude_tasks`",
+        f"- seeds {', '.join(map(str, args.seeds))} (training seed: weights, batches, masks); "
+        "values are mean ± sample standard deviation over seeds; the difference is paired by seed",
+        "- Dice: mean over datasets of the mean over each dataset's tasks, test split, oracle prompts "
+        "(`hermes.evaluation.evaluate_model`)",
+        "",
+        *fewshot_lines(rows, args),
+        "",
+    ]
+
+
 def write_report(
     path: Path,
     args: argparse.Namespace,
-    cost: dict[str, Any],
-    rows: list[dict[str, Any]] | None,
+    cost: dict[str, Any] | None,
+    body: list[str],
     argv: list[str],
     code_version: str,
+    title: str = "MedContext benchmark",
 ) -> None:
     command = ".venv/bin/python bench/medcontext.py " + " ".join(argv)
     text = [
-        "# MedContext benchmark",
+        f"# {title}",
         "",
         f"- command: `{command}`",
         f"- date: {datetime.date.today().isoformat()}, commit {code_version} (at the start of the run)",
@@ -481,32 +731,10 @@ def write_report(
         f"(CPU shared with other jobs, load average {os.getloadavg()[0]:.1f} at the end: absolute times "
         "are noisy, ratios less so)",
         "",
-        "## Cost per training step",
-        "",
-        *cost_lines(cost, args),
-        "",
     ]
-    if rows is not None:
-        text += [
-            "## Few-shot test Dice on the synthetic cohort",
-            "",
-            f"- cohort: `hermes.synthetic` (7 datasets, CT/MR/PET), scale {args.scale}, cohort seed "
-            f"{args.cohort_seed}, {args.test_cases} test cases per dataset, "
-            f"{' and '.join(map(str, args.shots))} training cases per dataset",
-            f"- model: `{args.architecture}` tiny, patch {'×'.join(map(str, args.patch))}, batch 2, "
-            f"{args.steps} steps, precision {args.precision}, LAMB (defaults), no validation hold-out, "
-            "final EMA weights scored",
-            f"- MedContext: defaults of `MedContextConfig` (ratio 0.6, alpha 1, beta 1, no ramp-up, separate "
-            f"teacher 0.996, fill 0) except `mask_patch` {list(args.mask_patch)} and the lesion tasks "
-            f"({', '.join(LESION_SHORT_NAMES)}) in `exclude_tasks`",
-            f"- seeds {', '.join(map(str, args.seeds))} (training seed: weights, batches, masks); "
-            "values are mean ± sample standard deviation over seeds; the difference is paired by seed",
-            "- Dice: mean over datasets of the mean over each dataset's tasks, test split, oracle prompts "
-            "(`hermes.evaluation.evaluate_model`)",
-            "",
-            *fewshot_lines(rows, args),
-            "",
-        ]
+    if cost is not None:
+        text += ["## Cost per training step", "", *cost_lines(cost, args), ""]
+    text += body
     # A hand-written "## Notes" section (the reading of the numbers) survives re-runs.
     previous = path.read_text() if path.is_file() else ""
     notes = previous[previous.index("\n## Notes") + 1 :] if "\n## Notes" in previous else ""
@@ -545,18 +773,31 @@ def main(argv: list[str] | None = None) -> int:
         "--cost-tasks", type=int, default=5, help="requested tasks per sample in the cost batch"
     )
     parser.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="run the ablation grid of this YAML file (bench/medcontext_grid.py)")
+    parser.add_argument("--equal-time", action="store_true",
+                        help="grid: also train a baseline for round(steps * r) steps (r: step-time ratio)")
+    parser.add_argument("--time-ratio", type=float, default=None,
+                        help="grid: the MedContext / baseline step-time ratio r (default: measured once)")
+    parser.add_argument("--bootstrap-samples", type=int, default=2000, help="grid: bootstrap replicates per CI")
     args = parser.parse_args(argv)
+    if args.time_ratio is not None and args.time_ratio <= 0:
+        parser.error("--time-ratio must be positive")
+    if args.grid is None and (args.equal_time or args.time_ratio is not None):
+        parser.error("--equal-time and --time-ratio belong to --grid")
     code_version = commit()  # at start: the modules this process imports are the ones measured
     if args.memory_worker:
         memory_worker(args)
         return 0
+    if args.grid is not None:
+        return grid_main(args, argv, code_version)
     cost = measure_cost(args)
     print("\n".join(cost_lines(cost, args)), flush=True)
     rows = None if args.cost_only else fewshot(args)
     if rows is not None:
         print("\n".join(fewshot_lines(rows, args)), flush=True)
     if args.out is not None:
-        write_report(args.out, args, cost, rows, argv, code_version)
+        write_report(args.out, args, cost, fewshot_section(rows, args) if rows is not None else [], argv, code_version)
     return 0
 
 

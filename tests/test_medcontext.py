@@ -357,3 +357,111 @@ def test_term_gradients_are_finite_and_the_context_term_reaches_the_student_only
     assert math.isclose(terms["loss"], plain["loss"], rel_tol=1e-6)  # measuring does not change the step
     assert all(p.grad is None and not p.requires_grad for p in mc.teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
+
+
+# ---------------------------------------------------------------------------------- ablation options
+def test_tube_masks_are_constant_along_z_with_the_exact_xy_cell_count() -> None:
+    shape, ratio = (16, 12, 10), 0.4
+    image = torch.randn(5, 1, *shape)
+    # Cells of one voxel in x-y: the hidden x-y fraction is exactly round(ratio * cells) / cells.
+    _, hidden = make(mask_shape="tubes", mask_patch=[1, 1, 4], mask_ratio=ratio).mask(
+        image, torch.Generator().manual_seed(0)
+    )
+    cells = shape[0] * shape[1]
+    for b in range(5):
+        m = hidden[b, 0]
+        assert torch.equal(m, m[..., :1].expand_as(m)), "a tube mask must be constant along z"
+        assert int(m[..., 0].sum()) == half_up(ratio * cells)
+    # Larger x-y cells with a random grid offset: round(ratio * x-y cells) cells are hidden.
+    patch = (4, 6)
+    _, hidden = make(mask_shape="tubes", mask_patch=[*patch, 4], mask_ratio=ratio).mask(
+        image, torch.Generator().manual_seed(1)
+    )
+    for b in range(5):
+        m = hidden[b, 0]
+        assert torch.equal(m, m[..., :1].expand_as(m))
+        plane = m[..., 0]
+        offsets = [_consistent_offsets(plane, a, p)[0] for a, p in enumerate(patch)]
+        starts = [sorted({0, *range((p - o) % p or p, s, p)}) for s, o, p in zip(shape, offsets, patch)]
+        n_cells = len(starts[0]) * len(starts[1])
+        assert int(plane[torch.tensor(starts[0])][:, torch.tensor(starts[1])].sum()) == half_up(ratio * n_cells)
+    # The default blocks vary along z (so the test above would catch tubes being ignored).
+    _, blocks = make(mask_patch=[4, 6, 4], mask_ratio=ratio).mask(image, torch.Generator().manual_seed(1))
+    assert any(not torch.equal(blocks[b, 0], blocks[b, 0, ..., :1].expand_as(blocks[b, 0])) for b in range(5))
+
+
+def test_consistency_target_fraction_sets_the_weight_from_the_supervised_loss() -> None:
+    torch.manual_seed(0)
+    fraction = 0.3
+    mc = make(consistency_target_fraction=fraction, consistency_weight=7.0)  # the fraction overrides it
+    image, target, task_ids, task_mask, _ = _batch()
+    hidden = torch.zeros_like(image, dtype=torch.bool)
+    logits = torch.randn_like(target, requires_grad=True)
+    teacher = torch.rand_like(target, requires_grad=True)  # must get no gradient (it is detached)
+    clean = torch.randn_like(target, requires_grad=True)
+    supervised = bce_loss(clean, target, task_mask)
+    out = mc.loss(logits, teacher, target, task_ids, task_mask, hidden, 0, bce_loss, supervised=supervised)
+    assert math.isclose(float(out["weighted_consistency"].detach() / supervised.detach()), fraction, rel_tol=1e-5)
+    w = float(out["weight_consistency"])
+    assert math.isclose(w, fraction * supervised.item() / out["consistency"].item(), rel_tol=1e-5)
+    assert not math.isclose(w, 7.0, rel_tol=0.1)  # not the fixed consistency_weight
+    out["weighted_consistency"].backward()
+    assert clean.grad is None and teacher.grad is None  # the weight is detached: student logits only
+    expected = torch.autograd.grad(
+        make().loss(logits, teacher, target, task_ids, task_mask, hidden, 0, bce_loss)["consistency"], logits
+    )[0]
+    assert_close(logits.grad, w * expected)
+    # The ramps still multiply the weight.
+    ramped = make(consistency_target_fraction=fraction, consistency_rampup_steps=10, masked_rampup_steps=4)
+    half = ramped.loss(logits, teacher, target, task_ids, task_mask, hidden, 2, bce_loss, supervised=supervised)
+    ratio = half["weighted_consistency"].detach() / supervised.detach()
+    assert math.isclose(float(ratio), fraction * 0.2 * 0.5, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="supervised"):
+        mc.loss(logits, teacher, target, task_ids, task_mask, hidden, 0, bce_loss)
+    # Off (the default): the fixed weight, whatever the supervised loss.
+    fixed = make(consistency_weight=2.0).loss(logits, teacher, target, task_ids, task_mask, hidden, 0, bce_loss,
+                                              supervised=supervised)
+    assert_close(fixed["weighted_consistency"], 2.0 * fixed["consistency"])
+    with pytest.raises(ConfigError, match="consistency_target_fraction"):
+        validate(MedContextConfig, {"consistency_target_fraction": 0.0})
+
+
+def test_cosine_teacher_momentum_spans_the_planned_run() -> None:
+    student = TinyNet()
+    mc = make(student, teacher_momentum_schedule="cosine", teacher_momentum_start=0.9, teacher_momentum=0.999)
+    with pytest.raises(ValueError, match="set_total_steps"):
+        mc.momentum_at(0)
+    total = 50
+    mc.set_total_steps(total)
+    momenta = [mc.momentum_at(step) for step in range(total)]
+    assert momenta[0] == pytest.approx(0.9) and momenta[-1] == pytest.approx(0.999)
+    assert all(b > a for a, b in itertools.pairwise(momenta))
+    assert momenta[total // 2] == pytest.approx((0.9 + 0.999) / 2, abs=2e-3)  # a cosine, symmetric
+    assert mc.momentum_at(total + 10) == pytest.approx(0.999)
+    # update_teacher applies it: at step 0 the teacher keeps 0.9 of itself (no 1 - 1/(t+1) warm-up).
+    before = {k: v.clone() for k, v in mc.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    mc.update_teacher(student, 0)
+    assert_close(mc.teacher.conv.weight, 0.9 * before["conv.weight"] + 0.1 * student.conv.weight)
+    # The constant default keeps the Hermes warm-up (step 0 copies the student).
+    assert make(teacher_momentum=0.99).momentum_at(0) == 0.0
+    with pytest.raises(ConfigError, match="cosine"):
+        validate(MedContextConfig, {"teacher_momentum_schedule": "cosine", "reuse_validation_ema": True})
+
+
+def test_masked_rampup_ramps_both_terms() -> None:
+    mc = make(masked_rampup_steps=10, consistency_rampup_steps=20, masked_supervision_weight=2.0,
+              consistency_weight=0.5)
+    image, target, task_ids, task_mask, _ = _batch()
+    logits, teacher = torch.randn_like(target), torch.rand_like(target)
+    hidden = torch.zeros_like(image, dtype=torch.bool)
+    for step, masked_ramp, cons_ramp in [(0, 0.0, 0.0), (5, 0.5, 0.25), (10, 1.0, 0.5), (40, 1.0, 1.0)]:
+        out = mc.loss(logits, teacher, target, task_ids, task_mask, hidden, step, bce_loss)
+        assert_close(out["weighted_masked_supervised"], 2.0 * masked_ramp * out["masked_supervised"])
+        assert_close(out["weighted_consistency"], 0.5 * masked_ramp * cons_ramp * out["consistency"])
+        assert_close(out["total"], out["weighted_masked_supervised"] + out["weighted_consistency"])
+        assert float(out["weight_masked_supervised"]) == pytest.approx(2.0 * masked_ramp)
+    assert float(make().loss(logits, teacher, target, task_ids, task_mask, hidden, 0, bce_loss)
+                 ["weight_masked_supervised"]) == 1.0  # off: full weight from step 0

@@ -231,3 +231,26 @@ def test_traditional_and_medcontext_resume(small_cache, tmp_path) -> None:
     assert any(not torch.equal(teacher[k], after[k]) for k in teacher if teacher[k].is_floating_point())
     spec = json.loads((tmp_path / "mc" / "model" / "spec.json").read_text())
     assert spec["paradigm"] == "traditional" and [d["name"] for d in spec["datasets"]] == ["LiverCT"]
+
+
+def test_medcontext_cosine_teacher_momentum_gets_the_planned_steps(small_cache, tmp_path, monkeypatch) -> None:
+    """The trainer tells MedContext the planned run length (the cosine momentum schedule needs
+    it; without it the first teacher update raises), and logs the terms' effective weights."""
+    from hermes.training.medcontext import MedContext
+
+    planned: list[int] = []
+    original = MedContext.set_total_steps
+    monkeypatch.setattr(MedContext, "set_total_steps", lambda self, n: (planned.append(n), original(self, n)))
+    overrides = {
+        "paradigm": "traditional",
+        "dataset": "LiverCT",
+        "model": {"architecture": "resunet", "preset": "tiny"},
+        "medcontext": {"enabled": True, "mask_patch": [8, 8, 8], "teacher_momentum_schedule": "cosine",
+                       "masked_rampup_steps": 2, "term_gradients_every": None},
+        "data": NO_VALIDATION,
+        "steps": 2,
+    }
+    train(_config(small_cache, tmp_path / "cos", **overrides), progress=False)
+    assert planned == [2]
+    log = list(csv.DictReader((tmp_path / "cos" / "train_log.csv").open()))
+    assert [float(r["weight_masked_supervised"]) for r in log] == [0.0, 0.5]  # masked_rampup_steps 2

@@ -16,6 +16,12 @@ and to every seed: the pairing is by case id, so the case-to-case spread that bo
 not resampled: each replicate averages the per-seed differences, so the interval states how
 much the result depends on which test cases were drawn, for these trained models; the seed
 spread is reported separately (``per_seed``).
+
+With ``resample_seeds=True`` each replicate also draws the seeds with replacement (once per
+replicate, shared by all datasets: a seed is one pair of trained models) and averages the
+per-seed differences with those counts. The interval then also covers training-seed variation
+(a two-level bootstrap: seeds, then cases). With few seeds it is coarse: 3 seeds give only 10
+distinct seed multisets.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ def paired_difference(
     samples: int = 10000,
     seed: int = 0,
     scale: float = 100.0,
+    resample_seeds: bool = False,
 ) -> PairedDifference:
     """``a`` minus ``b`` on the seeds both have (see the module docstring for the bootstrap).
 
@@ -120,6 +127,11 @@ def paired_difference(
     if not seeds:
         raise DataError(f"no seed scored by both models (a: {sorted(rows_a)}, b: {sorted(rows_b)})")
     rng = np.random.default_rng(seed)
+    seed_weights: np.ndarray | None = None  # (replicates, seeds): draw counts / number of seeds
+    if resample_seeds:
+        picks = rng.integers(0, len(seeds), size=(samples, len(seeds)))
+        seed_weights = np.zeros((samples, len(seeds)))
+        np.add.at(seed_weights, (np.arange(samples)[:, None], picks), 1.0 / len(seeds))
     replicate_diffs: list[np.ndarray] = []
     per_dataset: dict[str, float] = {}
     per_dataset_ci: dict[str, tuple[float, float]] = {}
@@ -148,7 +160,9 @@ def paired_difference(
             per_seed_parts[s].append(diff_point)
             boot.append((dataset_scores(va, counts) - dataset_scores(vb, counts)) * scale)
         per_dataset[dataset] = float(np.mean(point))
-        dataset_boot = np.mean(boot, axis=0)  # per replicate: mean over seeds
+        stacked = np.stack(boot, axis=1)  # (replicates, seeds)
+        # per replicate: mean over seeds (or over the replicate's resampled seeds)
+        dataset_boot = stacked.mean(axis=1) if seed_weights is None else (stacked * seed_weights).sum(axis=1)
         per_dataset_ci[dataset] = _percentile_ci(dataset_boot)
         replicate_diffs.append(dataset_boot)
     overall_boot = np.mean(replicate_diffs, axis=0)  # per replicate: mean over datasets
@@ -161,4 +175,6 @@ def paired_difference(
         n_cases=n_cases,
         seeds=seeds,
         samples=samples,
+        **({"resampled": "seeds with replacement, then test cases with replacement within each dataset; "
+                         "the same case ids for both models and all seeds"} if resample_seeds else {}),
     )

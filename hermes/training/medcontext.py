@@ -9,9 +9,10 @@ Decisions that differ from the reference code (docs/medcontext.md explains each 
 
 * Masking happens in **input space**, not on patch tokens. Any network works unchanged, and
   no full-resolution skip can leak the hidden content to the decoder (the reference UNETR leaks).
-* **One mask per sample**, made of grid-aligned cubes of ``mask_patch`` voxels. The grid has a
-  random offset per sample, so mask borders land anywhere. Exactly ``round(ratio * n_cells)``
-  cells are hidden.
+* **One mask per sample**, made of grid-aligned cubes of ``mask_patch`` voxels (or, with
+  ``mask_shape: tubes``, x-y cells hidden through the whole z extent). The grid has a random
+  offset per sample, so mask borders land anywhere. Exactly ``round(ratio * n_cells)`` cells
+  are hidden.
 * The consistency term is an **fp32 MSE between sigmoid probabilities**, averaged over voxels
   and over the sample's own tasks. The reference divides a raw-logit MSE by the norm of the
   whole teacher tensor, which leaves the term near 1e-5 and makes it inert.
@@ -107,6 +108,25 @@ def teacher_momentum_at(step: int, momentum: float) -> float:
     return min(1.0 - 1.0 / (step + 1), momentum)
 
 
+def cosine_momentum_at(step: int, start: float, final: float, total_steps: int) -> float:
+    """EMA momentum of the cosine schedule (BYOL, DINO): ``start`` at step 0, ``final`` at the
+    run's last step ``total_steps - 1`` (and after it), along a half cosine in between.
+
+    Unlike :func:`teacher_momentum_at` there is no ``1 - 1/(step+1)`` warm-up: the teacher
+    starts as a slow average (of the student's initial weights, which it was copied from).
+    """
+    if total_steps < 1:
+        raise ValueError(f"the cosine momentum schedule needs total_steps >= 1, got {total_steps}")
+    progress = min(1.0, max(0.0, step / (total_steps - 1))) if total_steps > 1 else 1.0
+    return final - (final - start) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# Floor of the consistency value that `consistency_target_fraction` divides by. Below it (an RMS
+# probability difference under 1 %) the weight stops growing, so a masked prediction that
+# already matches the teacher (e.g. mask_ratio 0 early in a run) is not amplified without bound.
+CONSISTENCY_FLOOR = 1e-4
+
+
 class MedContext:
     """Masked-context training: mask generator, EMA teacher and the two extra loss terms.
 
@@ -115,9 +135,10 @@ class MedContext:
         masked, hidden = mc.mask(image, generator)
         out_m = model(masked, task_ids, modality_id, task_mask)
         t = mc.teacher_probabilities(image, task_ids, modality_id, task_mask)
-        losses = mc.loss(out_m.logits, t, target, task_ids, task_mask, hidden, step, seg_loss)
+        losses = mc.loss(out_m.logits, t, target, task_ids, task_mask, hidden, step, seg_loss,
+                         supervised=clean_seg)  # clean_seg: needed by consistency_target_fraction
         (seg + modality + losses["total"]).backward(); optimizer.step()
-        mc.update_teacher(model, step)
+        mc.update_teacher(model, step)  # after mc.set_total_steps(n) once (cosine momentum)
 
     Keep the masked pass out of the modality loss, otherwise the modality classifier learns the
     mask artefact.
@@ -152,6 +173,21 @@ class MedContext:
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self.last_update_step = -1
+        self.total_steps: int | None = None  # the run's planned optimiser steps (cosine schedule)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's planned number of optimiser steps (the trainer's ``total_steps``, which an
+        extended run re-plans, like the learning-rate schedule). The cosine momentum needs it."""
+        self.total_steps = int(total_steps)
+
+    def momentum_at(self, step: int) -> float:
+        """Teacher EMA momentum after optimiser step ``step`` (0-based global step)."""
+        if self.config.teacher_momentum_schedule == "constant":
+            return teacher_momentum_at(step, self.config.teacher_momentum)
+        if self.total_steps is None:
+            raise ValueError("teacher_momentum_schedule 'cosine' needs the run length: call set_total_steps first")
+        return cosine_momentum_at(step, self.config.teacher_momentum_start, self.config.teacher_momentum,
+                                  self.total_steps)
 
     # ------------------------------------------------------------------------------ masking
     def _cell_mask(self, n_cells: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
@@ -173,6 +209,10 @@ class MedContext:
         axis, and its own cells. Cells cut by the patch border count as cells, so the expected
         hidden voxel fraction equals the hidden cell fraction. Random numbers come from
         ``generator`` (on its device), so a seeded generator reproduces the masks exactly.
+
+        With ``mask_shape: tubes`` the cells are drawn on the grid of the leading axes only (x, y)
+        and each hidden cell runs through the whole last axis (z), with no offset along it: the
+        mask is constant along z and exactly ``round(ratio * n_xy_cells)`` x-y cells are hidden.
         """
         spatial = tuple(image.shape[2:])
         if len(spatial) != len(self.mask_patch):
@@ -182,18 +222,21 @@ class MedContext:
             )
         gen_device = generator.device if generator is not None else torch.device("cpu")
         hidden = torch.empty((image.shape[0], 1, *spatial), dtype=torch.bool, device=image.device)
+        tubes = self.config.mask_shape == "tubes"
+        # A tube is one cell spanning the whole last axis, with no offset along it.
+        patch = (*self.mask_patch[:-1], spatial[-1]) if tubes else self.mask_patch
         for b in range(image.shape[0]):
             offsets = [
                 int(torch.randint(0, p, (1,), generator=generator, device=gen_device))
-                for p in self.mask_patch
-            ]
+                for p in (patch[:-1] if tubes else patch)
+            ] + ([0] if tubes else [])
             # Cell index of each voxel along each axis, with the grid shifted by the offset.
             index = [
                 (torch.arange(size, device=image.device) + off) // p
-                for size, off, p in zip(spatial, offsets, self.mask_patch)
+                for size, off, p in zip(spatial, offsets, patch)
             ]
             n_cells = tuple(
-                (size - 1 + off) // p + 1 for size, off, p in zip(spatial, offsets, self.mask_patch)
+                (size - 1 + off) // p + 1 for size, off, p in zip(spatial, offsets, patch)
             )
             voxels = self._cell_mask(n_cells, generator).to(image.device)
             # Expand cells to voxels one axis at a time: no full-size index grids in memory.
@@ -223,14 +266,14 @@ class MedContext:
         """EMA-update the teacher after optimiser step ``step`` (0-based global step).
 
         Parameters and floating-point buffers (e.g. BatchNorm running statistics) are averaged
-        with ``teacher_momentum_at(step)``. Integer buffers such as ``num_batches_tracked`` are
+        with the momentum of :meth:`momentum_at`. Integer buffers such as ``num_batches_tracked`` are
         copied. This does nothing when the teacher is the reused validation EMA, because the
         trainer's own EMA update has already moved it this step.
         """
         self.last_update_step = int(step)
         if self.reuses_ema:
             return
-        momentum = teacher_momentum_at(int(step), self.config.teacher_momentum)
+        momentum = self.momentum_at(int(step))
         student = unwrap_model(model)
         student_state = dict(student.named_parameters())
         student_state.update(student.named_buffers())
@@ -250,10 +293,17 @@ class MedContext:
             torch._foreach_lerp_(averaged, sources, 1.0 - momentum)
 
     # ------------------------------------------------------------------------------ losses
+    @staticmethod
+    def _ramp(step: int, rampup: int) -> float:
+        return 1.0 if rampup <= 0 else min(1.0, max(0.0, step / rampup))
+
     def consistency_ramp(self, step: int) -> float:
         """Linear ramp from 0 at step 0 to 1 at ``consistency_rampup_steps`` (1 if unset)."""
-        rampup = self.config.consistency_rampup_steps
-        return 1.0 if rampup <= 0 else min(1.0, max(0.0, step / rampup))
+        return self._ramp(step, self.config.consistency_rampup_steps)
+
+    def masked_ramp(self, step: int) -> float:
+        """Linear ramp of both terms from 0 at step 0 to 1 at ``masked_rampup_steps`` (1 if unset)."""
+        return self._ramp(step, self.config.masked_rampup_steps)
 
     def _excluded_slots(self, task_ids: Tensor, task_mask: Tensor) -> Tensor | None:
         """``(B, T)`` bool: valid slots whose task is excluded from hidden voxels, or None."""
@@ -273,11 +323,19 @@ class MedContext:
         hidden: Tensor,
         step: int,
         supervised_loss_fn: SupervisedLossFn,
+        supervised: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The masked pass's losses: ``masked_supervised``, ``consistency`` and ``total``.
 
-        ``total = masked_supervision_weight * masked_supervised
-        + consistency_weight * ramp(step) * consistency``.
+        ``total = masked_ramp(step) * (masked_supervision_weight * masked_supervised
+        + beta * consistency_ramp(step) * consistency)``. ``beta`` is ``consistency_weight``,
+        or with ``consistency_target_fraction`` f it is
+        ``f * supervised / max(consistency, CONSISTENCY_FLOOR)`` on detached values: the weighted
+        term equals f times the clean supervised loss (before the ramps), and its gradient
+        reaches the masked-pass logits only. ``supervised`` (the clean pass's segmentation loss)
+        is required then and unused otherwise. ``weight_masked_supervised`` and
+        ``weight_consistency`` (0-d, no gradient) are the effective multipliers of the two raw
+        terms at this step, ramps included.
 
         * ``masked_supervised``: the trainer's partial-label loss on the masked-input logits.
           For excluded tasks a voxel weight map zeroes the hidden voxels.
@@ -310,11 +368,24 @@ class MedContext:
         # valid, so backward still works on an all-padding batch.
         consistency = (per_pair * valid_f).sum() / valid_f.sum().clamp_min(1.0)
 
-        beta = self.config.consistency_weight * self.consistency_ramp(step)
-        total = self.config.masked_supervision_weight * masked_supervised + beta * consistency
-        return {"masked_supervised": masked_supervised, "consistency": consistency, "total": total,
-                "weighted_masked_supervised": self.config.masked_supervision_weight * masked_supervised,
-                "weighted_consistency": beta * consistency}
+        ramp = self.masked_ramp(step)
+        alpha = self.config.masked_supervision_weight * ramp
+        fraction = self.config.consistency_target_fraction
+        beta: Tensor | float
+        if fraction is None:
+            beta = self.config.consistency_weight * self.consistency_ramp(step) * ramp
+        else:
+            if supervised is None:
+                raise ValueError("medcontext.consistency_target_fraction needs the clean supervised loss")
+            scale = fraction * self.consistency_ramp(step) * ramp
+            beta = scale * supervised.detach().float() / consistency.detach().clamp_min(CONSISTENCY_FLOOR)
+        weighted_masked = alpha * masked_supervised
+        weighted_consistency = beta * consistency
+        return {"masked_supervised": masked_supervised, "consistency": consistency,
+                "total": weighted_masked + weighted_consistency,
+                "weighted_masked_supervised": weighted_masked, "weighted_consistency": weighted_consistency,
+                "weight_masked_supervised": torch.as_tensor(alpha, dtype=torch.float32),
+                "weight_consistency": torch.as_tensor(beta, dtype=torch.float32).detach()}
 
     # ------------------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

@@ -73,6 +73,7 @@ def train_step(
     share of their sum (``grad_share_<term>``), at the cost of one extra backward per term.
     """
     contributions: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = {}
     image, task_ids, task_mask = batch["image"], batch["task_ids"], batch["task_mask"]
     # the prompt's modality (modality-prompt dropout, hermes/data/sampling.py); the loss reads
     # the true batch["modality_id"]
@@ -94,12 +95,14 @@ def train_step(
             terms = loss_fn(_half(out, slice(0, n)), batch)  # the masked half stays out of the modality loss
             extra = medcontext.loss(
                 out.logits[n:], teacher, batch["target"], task_ids, batch.get("loss_mask", task_mask), hidden, step,
-                loss_fn.segmentation,
+                loss_fn.segmentation, supervised=terms["seg"],
             )
             contributions = {"supervised": terms["total"], "masked_supervised": extra["weighted_masked_supervised"],
                              "consistency": extra["weighted_consistency"]}
             terms["masked_supervised"] = extra["masked_supervised"]
             terms["consistency"] = extra["consistency"]
+            # effective multipliers (ramps, consistency_target_fraction): logged, not part of the loss
+            weights = {k: extra[k] for k in ("weight_masked_supervised", "weight_consistency")}
             terms["total"] = terms["total"] + extra["total"]
         if extra_loss is not None:
             for name, value in extra_loss(model, batch, step).items():
@@ -120,6 +123,7 @@ def train_step(
         log.warning("step %d: non-finite gradient norm, optimiser step skipped", step)
     out_terms = {("loss" if k == "total" else k): float(v.detach()) for k, v in terms.items()}
     out_terms["grad_norm"] = grad_norm
+    out_terms.update({k: float(v) for k, v in weights.items()})
     out_terms.update(term_norms)
     return out_terms
 

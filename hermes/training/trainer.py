@@ -199,6 +199,8 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
             medcontext.load_state_dict(state["medcontext"])
         rng_state = state["rng"]
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    if medcontext is not None:
+        medcontext.set_total_steps(total_steps)  # the cosine teacher momentum spans the planned run
     set_schedule_position(scheduler, start)
     if not (config.medcontext.enabled and config.medcontext.reuse_validation_ema):
         ema.cap_window(total_steps, config.ema_window_fraction)
