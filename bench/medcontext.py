@@ -593,6 +593,11 @@ def grid_section(
 
 def grid_main(args: argparse.Namespace, argv: list[str], code_version: str) -> int:
     arms = grid.load_grid(args.grid)  # every arm checked before anything trains
+    if args.arms:
+        unknown = [name for name in args.arms if name not in arms]
+        if unknown:
+            raise SystemExit(f"{args.grid}: no arm named {', '.join(unknown)} (arms: {', '.join(arms)})")
+        arms = {name: arms[name] for name in args.arms}
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     cost, equal_time = None, None
@@ -780,11 +785,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-ratio", type=float, default=None,
                         help="grid: the MedContext / baseline step-time ratio r (default: measured once)")
     parser.add_argument("--bootstrap-samples", type=int, default=2000, help="grid: bootstrap replicates per CI")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="NAME",
+                        help="grid: run only these arms of the grid file, in this order (default: all)")
     args = parser.parse_args(argv)
     if args.time_ratio is not None and args.time_ratio <= 0:
         parser.error("--time-ratio must be positive")
     if args.grid is None and (args.equal_time or args.time_ratio is not None):
         parser.error("--equal-time and --time-ratio belong to --grid")
+    if args.grid is None and args.arms:
+        parser.error("--arms belongs to --grid")
     code_version = commit()  # at start: the modules this process imports are the ones measured
     if args.memory_worker:
         memory_worker(args)
