@@ -188,10 +188,11 @@ def test_summary_into_replaces_same_key_and_keeps_others(tmp_path: Path) -> None
     path.write_text(json.dumps({"note": "kept", "comparisons": [old, other]}))
     new = {**old, "mean_diff": 1.5}
     added = {**old, "budget_rule": "equal_steps", "mean_diff": 0.5}
-    merge_summary(path, [new, added])
+    longer = {**old, "steps_per_dataset": 1200, "mean_diff": 3.0}  # another budget: kept apart
+    merge_summary(path, [new, added, longer])
     data = json.loads(path.read_text())
     assert data["note"] == "kept"
-    assert [c["mean_diff"] for c in data["comparisons"]] == [1.5, 2.0, 0.5]
+    assert [c["mean_diff"] for c in data["comparisons"]] == [1.5, 2.0, 0.5, 3.0]
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected an object with a list under"):
         merge_summary(path, [new])

@@ -240,14 +240,15 @@ def _comparison_lines(comparisons: Sequence[Mapping[str, Any]], table: Mapping[s
 # --------------------------------------------------------------------------------------------
 # summary.json and --summary-into
 # --------------------------------------------------------------------------------------------
-def _comparison_key(entry: Mapping[str, Any]) -> tuple[str, str, str, str]:
-    return (str(entry.get("data")), str(entry.get("budget_rule")), str(entry.get("a")), str(entry.get("b")))
+def _comparison_key(entry: Mapping[str, Any]) -> tuple[str, ...]:
+    """Budgets are kept apart: an S = 1,200 comparison does not replace the S = 600 one."""
+    return tuple(str(entry.get(k)) for k in ("data", "budget_rule", "steps_per_dataset", "a", "b"))
 
 
 def merge_summary(path: Path, comparisons: Sequence[Mapping[str, Any]]) -> Path:
     """Merge ``comparisons`` into the ``{"comparisons": [...]}`` file at ``path`` (created if
-    missing): an entry with the same data, budget rule, a and b is replaced, others are kept
-    in their order; written atomically."""
+    missing): an entry with the same data, budget rule, steps per dataset, a and b is replaced,
+    others are kept in their order; written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Two benchmarks (e.g. synthetic and realmini) may merge into one file at the same time: the
     # read-modify-write holds a lock on the folder (the file itself is replaced, so it cannot
