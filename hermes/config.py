@@ -12,7 +12,7 @@ their own, so reading this file tells you what an unset key means.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -333,6 +333,12 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
     deterministic: bool = False
+    # CPU intra-op threads while training. "auto": start with the threads the process was given
+    # (OMP_NUM_THREADS or torch's default) and keep measuring whether one fewer is faster, which
+    # it is when another process takes a core (runtime.ThreadTuner, docs/bench/busy_core.md).
+    # The count may change during a run, so the last bits of the weights can differ between runs;
+    # `deterministic: true` or a number fixes it. Ignored on CUDA.
+    cpu_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     ema_decay: float = 0.99
     # Cap of the EMA's averaging window (1 / (1 - decay) steps) as a fraction of the planned run,
     # so that a short run's EMA is not dominated by its first, poor weights (200 steps at decay

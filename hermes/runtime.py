@@ -10,13 +10,17 @@ Training, inference and adaptation all ask this module, so "auto" means the same
   docs/bench/inference.md). fp16 needs CUDA: on CPU it is a configuration error, not a silent
   fallback;
 * memory layout: channels_last_3d on CPU (oneDNN's convolutions are faster in it and bf16 needs it
-  to avoid reorders); contiguous on CUDA, where cuDNN picks its own layouts.
+  to avoid reorders); contiguous on CUDA, where cuDNN picks its own layouts;
+* CPU threads (training, ``cpu_threads: auto``): :class:`ThreadTuner` measures the step time with
+  all of torch's threads and with one fewer, and keeps the faster, re-checking as it goes
+  (docs/bench/busy_core.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -134,3 +138,73 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) 
     if channels_last and isinstance(moved.get("image"), torch.Tensor):
         moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last_3d)
     return moved
+
+
+@dataclass
+class ThreadTuner:
+    """Chooses torch's intra-op thread count on CPU from measured training-step times.
+
+    Why: intra-op threads wait for each other at every parallel region, so when another process
+    takes one core, the thread sharing that core holds all the others back. Measured on this
+    project's 2-core machine (docs/bench/busy_core.md, demo step): 2 threads 2.49 steps/s idle
+    but 0.74 with one CPU-bound neighbour, 1 thread 1.68 idle and 1.65 with the neighbour. No
+    fixed setting is best in both cases, and the load changes during a long run, so the tuner
+    measures: it times ``probe_steps`` steps with each candidate (``ceiling`` threads and one
+    fewer; the first step after a switch is not counted), keeps the faster for ``hold_steps``
+    steps, then measures again. Probing the current choice costs nothing; the other candidate
+    costs at most ``probe_steps + 1`` slower steps per cycle.
+
+    ``ceiling`` is the thread count the process was given (``OMP_NUM_THREADS`` or torch's
+    default): the tuner never goes above it, so a benchmark that pins one thread per job is
+    left alone (a single candidate: the tuner is disabled).
+    """
+
+    ceiling: int
+    probe_steps: int = 4
+    hold_steps: int = 100
+    threads: int = field(init=False)
+    candidates: list[int] = field(init=False)
+    history: list[tuple[int, int]] = field(init=False, default_factory=list)  # (step, threads) chosen
+    _queue: list[int] = field(init=False, default_factory=list)  # candidates left to probe
+    _times: list[float] = field(init=False, default_factory=list)
+    _results: dict[int, float] = field(init=False, default_factory=dict)
+    _held: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.candidates = [self.ceiling] if self.ceiling <= 1 else [self.ceiling, self.ceiling - 1]
+        self.threads = self.ceiling
+        self._queue = list(self.candidates)
+
+    @property
+    def enabled(self) -> bool:
+        return len(self.candidates) > 1
+
+    def _use(self, threads: int) -> None:
+        if threads != self.threads:
+            self.threads = threads
+            torch.set_num_threads(threads)
+
+    def step_done(self, step: int, seconds: float) -> int:
+        """Record the compute time of training step ``step``; sets and returns the thread count
+        for the next step."""
+        if not self.enabled:
+            return self.threads
+        if not self._queue:  # holding the last choice
+            self._held += 1
+            if self._held >= self.hold_steps:  # measure again, the current choice first (no switch)
+                self._held = 0
+                self._queue = [self.threads] + [c for c in self.candidates if c != self.threads]
+                self._times = []
+            return self.threads
+        self._times.append(seconds)
+        if len(self._times) > self.probe_steps:  # the first step after a switch is not counted
+            self._results[self._queue.pop(0)] = statistics.median(self._times[1:])
+            self._times = []
+            if self._queue:
+                self._use(self._queue[0])
+            else:
+                best = min(self._results, key=self._results.__getitem__)
+                self._use(best)
+                self.history.append((step + 1, best))
+                self._results = {}
+        return self.threads

@@ -67,3 +67,68 @@ def test_to_device_moves_tensors_and_sets_the_image_layout() -> None:
     assert moved["image"].is_contiguous(memory_format=torch.channels_last_3d)
     assert moved["mask"].is_contiguous() and moved["names"] == ["a", "b"]
     assert to_device(batch, CPU, channels_last=False)["image"].is_contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU thread tuner (cpu_threads: auto)
+# ----------------------------------------------------------------------------------------------
+def _drive(tuner: runtime.ThreadTuner, seconds_by_threads: dict[int, float], steps: int) -> list[int]:
+    """Run ``steps`` fake steps whose time depends on the thread count in use; returns the count
+    used at every step."""
+    used = []
+    for step in range(steps):
+        used.append(tuner.threads)
+        tuner.step_done(step, seconds_by_threads[tuner.threads])
+    return used
+
+
+def test_thread_tuner_drops_a_thread_when_that_is_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    tuner = runtime.ThreadTuner(2, probe_steps=3, hold_steps=10)
+    # a busy neighbour: 2 threads 1.35 s per step, 1 thread 0.6 s (docs/bench/busy_core.md)
+    used = _drive(tuner, {2: 1.35, 1: 0.6}, 40)
+    assert used[:4] == [2, 2, 2, 2] and used[4:8] == [1, 1, 1, 1]  # 1 + 3 timed steps each
+    # held for 10 steps, then re-probed with the choice first (no switch), then the other
+    # candidate again (the neighbour may have gone), then back to the faster one
+    assert used[8:22] == [1] * 14 and used[22:26] == [2] * 4 and used[26:] == [1] * 14
+    assert calls[:3] == [1, 2, 1] and tuner.history == [(8, 1), (26, 1)]
+
+
+def test_thread_tuner_keeps_all_threads_on_an_idle_machine_and_re_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    tuner = runtime.ThreadTuner(4, probe_steps=2, hold_steps=5)
+    used = _drive(tuner, {4: 0.4, 3: 0.5}, 30)
+    assert used[:3] == [4, 4, 4] and used[3:6] == [3, 3, 3] and used[6:11] == [4] * 5
+    assert used.count(3) > 3  # the slower candidate is measured again after each hold
+    assert calls[:2] == [3, 4] and all(choice == 4 for _, choice in tuner.history)
+
+
+def test_thread_tuner_is_off_with_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A benchmark that pins one thread per job (OMP_NUM_THREADS=1) is left alone."""
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    tuner = runtime.ThreadTuner(1)
+    assert not tuner.enabled and _drive(tuner, {1: 1.0}, 20) == [1] * 20 and calls == []
+
+
+def test_trainer_thread_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from hermes.config import TrainConfig
+    from hermes.training.distributed import DistContext
+    from hermes.training.trainer import _thread_tuner
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    base = {"catalog": Path("c.yaml"), "cache": Path("c"), "output": Path("o")}
+    cpu = DistContext(device=CPU)
+    assert TrainConfig(**base).cpu_threads == "auto"
+    assert _thread_tuner(TrainConfig(**base), cpu) is not None
+    assert _thread_tuner(TrainConfig(**base, deterministic=True), cpu) is None
+    assert _thread_tuner(TrainConfig(**base, cpu_threads=3), cpu) is None and calls == [3]
+    assert _thread_tuner(TrainConfig(**base), DistContext(device=CUDA)) is None
+    with pytest.raises(ValueError):
+        TrainConfig(**base, cpu_threads=0)

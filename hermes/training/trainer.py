@@ -40,7 +40,7 @@ from hermes.data.sampling import model_data_config
 from hermes.errors import ConfigError
 from hermes.fileio import atomic_write_text
 from hermes.models.registry import network_spec, save_model
-from hermes.runtime import AmpSettings, resolve_amp, to_device
+from hermes.runtime import AmpSettings, ThreadTuner, resolve_amp, to_device
 from hermes.training.checkpoint import (
     capture_rng_state,
     checkpoint_path,
@@ -102,6 +102,18 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> 
         raise ConfigError(
             f"cannot resume {path}: the config changed {', '.join(changed)} since the checkpoint was written"
         )
+
+
+def _thread_tuner(config: TrainConfig, ctx: DistContext) -> ThreadTuner | None:
+    """A fixed ``cpu_threads`` is set here; "auto" tunes between the threads the process was
+    given and one fewer, on CPU, in a single process, unless the run must be deterministic."""
+    if ctx.device.type != "cpu":
+        return None
+    if config.cpu_threads != "auto":
+        torch.set_num_threads(config.cpu_threads)
+        return None
+    tuner = ThreadTuner(torch.get_num_threads())
+    return tuner if tuner.enabled and ctx.world_size == 1 and not config.deterministic else None
 
 
 def _make_medcontext(config: TrainConfig, model: nn.Module, data: RunData, ema: ModelEMA) -> Any | None:
@@ -210,6 +222,7 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
     if not ctx.is_main:
         torch.manual_seed(config.seed + 1000 * ctx.rank + start)
 
+    tuner = _thread_tuner(config, ctx)
     net = wrap_model(model, ctx, find_unused=bool(unused))
     loader = make_train_loader(
         data.catalog, config.cache, model_data_config(config.data, config.model), config.seed, ctx.rank, ctx.world_size, start, cases=data.train_cases
@@ -230,6 +243,7 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
     try:
         while step < total_steps:
             batch = to_device(next(batches), ctx.device, amp.channels_last)
+            step_start = time.perf_counter()
             generator = medcontext_generator(config.seed, ctx.rank, step) if medcontext is not None else None
             lr = optimizer.param_groups[0]["lr"]
             every = config.medcontext.term_gradients_every
@@ -240,9 +254,10 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
             if medcontext is not None:
                 medcontext.update_teacher(model, step)
             scheduler.step()
+            threads = tuner.step_done(step, time.perf_counter() - step_start) if tuner is not None else None
             step += 1
             losses.append(terms["loss"])
-            window.append({**terms, "lr": lr})
+            window.append({**terms, "lr": lr} | ({"threads": float(threads)} if threads is not None else {}))
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
             if step % config.log_every == 0 or step == total_steps:
