@@ -362,6 +362,12 @@ def train_and_score(config_path: Path) -> dict[str, Any]:
     }
 
 
+def append_row(results_path: Path, row: dict[str, Any]) -> None:
+    """results.jsonl is an append-only log, one line per finished run (resume reads it)."""
+    with results_path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
 def fewshot(args: argparse.Namespace) -> list[dict[str, Any]]:
     from hermes.data.catalog import load_catalog
 
@@ -406,8 +412,7 @@ def fewshot(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "scale": args.scale,
                     **train_and_score(config_path),
                 }
-                with results_path.open("a") as handle:  # append-only log, one line per finished run
-                    handle.write(json.dumps(row) + "\n")
+                append_row(results_path, row)
                 rows.append(row)
                 bar.update(1)
     bar.close()
@@ -526,8 +531,7 @@ def run_grid(
             "commit": code_version,
             **train_and_score(config_path),
         }
-        with results_path.open("a") as handle:  # append-only log, one line per finished run
-            handle.write(json.dumps(row) + "\n")
+        append_row(results_path, row)
         rows.append(row)
         bar.update(1)
     bar.close()
