@@ -232,7 +232,14 @@ def main() -> None:
     amp = resolve_amp(args.precision, "auto", torch.device("cpu"))
     peak = conv_peak(amp, args.repeats)
     print(f"peak {peak['gflops_per_s']:.0f} GFLOP/s", flush=True)
-    rows = []
+    import sys
+
+    from hermes.fileio import atomic_write_text
+
+    rows: list[dict[str, Any]] = []
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "precision": amp.name,
+              "channels_last": amp.channels_last, "repeats": args.repeats, "peak": peak, "rows": rows,
+              "command": " ".join(["python bench/roofline.py", *sys.argv[1:]])}
     for preset in args.presets:
         for arch in args.archs:
             row = measure(preset, arch, args.patch or PATCH[preset], args.batch, args.tasks, amp, args.steps,
@@ -241,15 +248,9 @@ def main() -> None:
             print(f"{preset} {arch}: step {row['step_gflops_per_s']:.0f} GFLOP/s "
                   f"({100 * row['step_fraction_of_peak']:.0f} % of peak), window pass "
                   f"{row['inference_gflops_per_s']:.0f} GFLOP/s", flush=True)
-    import sys
-
-    from hermes.fileio import atomic_write_text
-
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "precision": amp.name,
-              "channels_last": amp.channels_last, "repeats": args.repeats, "peak": peak, "rows": rows,
-              "command": " ".join(["python bench/roofline.py", *sys.argv[1:]])}
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=1))
-    atomic_write_text(args.out, report(result) + "\n")
+            # after every row: a long run stopped early (base at 96^3 takes many minutes) keeps its rows
+            atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=1))
+            atomic_write_text(args.out, report(result) + "\n")
     print(f"wrote {args.out}")
 
 
