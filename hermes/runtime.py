@@ -146,8 +146,8 @@ class ThreadTuner:
 
     Why: intra-op threads wait for each other at every parallel region, so when another process
     takes one core, the thread sharing that core holds all the others back. Measured on this
-    project's 2-core machine (docs/bench/busy_core.md, demo step): 2 threads 2.49 steps/s idle
-    but 0.74 with one CPU-bound neighbour, 1 thread 1.68 idle and 1.65 with the neighbour. No
+    project's 2-core machine (docs/bench/busy_core.md, demo step): 2 threads 2.43 steps/s idle
+    but 0.70 with one CPU-bound neighbour, 1 thread 1.52 idle and 1.51 with the neighbour. No
     fixed setting is best in both cases, and the load changes during a long run, so the tuner
     measures: it times ``probe_steps`` steps with each candidate (``ceiling`` threads and one
     fewer; the first step after a switch is not counted), keeps the faster for ``hold_steps``
