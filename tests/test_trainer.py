@@ -254,3 +254,25 @@ def test_medcontext_cosine_teacher_momentum_gets_the_planned_steps(small_cache, 
     assert planned == [2]
     log = list(csv.DictReader((tmp_path / "cos" / "train_log.csv").open()))
     assert [float(r["weight_masked_supervised"]) for r in log] == [0.0, 0.5]  # masked_rampup_steps 2
+
+
+def test_compile_option_trains_through_torch_compile(small_cache, tmp_path, monkeypatch) -> None:
+    """`compile: true` runs the steps through torch.compile (dynamo traces the real network; the
+    "eager" backend skips inductor's minutes of code generation) and still saves a model."""
+    real_compile = torch.compile
+    compiled: list[torch.nn.Module] = []
+
+    def eager_compile(module: torch.nn.Module, **kwargs: Any) -> Any:
+        compiled.append(module)
+        return real_compile(module, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    cfg = _config(small_cache, tmp_path / "run", steps=2, compile=True, validation={"every_steps": 2})
+    result = train(cfg, progress=False)
+    assert len(compiled) == 1 and result.steps == 2
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert (tmp_path / "run" / "model").is_dir()
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 1  # the network was traced, not run eagerly
+    assert not _config(small_cache, tmp_path / "other").compile  # off unless asked for

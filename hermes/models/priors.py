@@ -57,8 +57,11 @@ def check_ids(task_ids: Tensor, modality_id: Tensor, num_tasks: int, num_modalit
         raise ValueError(
             f"modality_id must be (B,) with B={task_ids.shape[0]}, got shape {tuple(modality_id.shape)}"
         )
-    if torch.compiler.is_exporting():
-        return  # ONNX/torch.export: value checks are data-dependent; the shape checks above still hold
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        # ONNX/torch.export/torch.compile: value checks are data-dependent (a graph break each
+        # step under compile); the shape checks above still hold, and the training loader only
+        # produces ids of the model's catalog
+        return
     if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) > num_tasks):
         raise ModelError(
             f"task ids must be in 0..{num_tasks} ({num_tasks} = null/padding), got "

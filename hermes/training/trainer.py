@@ -224,6 +224,9 @@ def _train(config: TrainConfig, ctx: DistContext, resume: bool, extend_steps: in
 
     tuner = _thread_tuner(config, ctx)
     net = wrap_model(model, ctx, find_unused=bool(unused))
+    if config.compile:
+        # the EMA, the checkpoints and validation keep using the plain `model` (same parameters)
+        net = torch.compile(net)
     loader = make_train_loader(
         data.catalog, config.cache, model_data_config(config.data, config.model), config.seed, ctx.rank, ctx.world_size, start, cases=data.train_cases
     )
