@@ -51,14 +51,21 @@ class ModelEMA:
     def update(self, model: nn.Module, step: int) -> None:
         """Average in ``model`` after optimiser step ``step`` (0-based)."""
         d = self.decay_at(step)
-        source = unwrap(model)
         ema_state = self.module.state_dict()
-        for name, value in source.state_dict().items():
+        averaged: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+        for name, value in unwrap(model).state_dict().items():
             target = ema_state[name]
-            if target.dtype.is_floating_point:
-                target.lerp_(value.detach().to(target.dtype), 1.0 - d)
-            else:
+            if not target.dtype.is_floating_point:
                 target.copy_(value)
+            elif value.dtype == target.dtype and value.device == target.device:
+                averaged.append(target)
+                sources.append(value.detach())
+            else:
+                target.lerp_(value.detach().to(target), 1.0 - d)
+        if averaged:
+            # one multi-tensor kernel instead of one lerp per tensor
+            torch._foreach_lerp_(averaged, sources, 1.0 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
