@@ -363,9 +363,17 @@ def train_and_score(config_path: Path) -> dict[str, Any]:
 
 
 def append_row(results_path: Path, row: dict[str, Any]) -> None:
-    """results.jsonl is an append-only log, one line per finished run (resume reads it)."""
-    with results_path.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    """results.jsonl is an append-only log, one line per finished run (resume reads it). One
+    ``write`` on an O_APPEND descriptor, so that two bench processes on one WORK (different
+    ``--arms`` or ``--seeds``, one per core) never interleave their lines."""
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(results_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"{results_path}: short append ({written} of {len(data)} bytes)")
+    finally:
+        os.close(fd)
 
 
 def fewshot(args: argparse.Namespace) -> list[dict[str, Any]]:
