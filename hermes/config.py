@@ -340,9 +340,9 @@ class TrainConfig(Strict):
     # `deterministic: true` or a number fixes it. Ignored on CUDA.
     cpu_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # torch.compile (inductor) the training network. Off by default: on this project's CPU
-    # (tiny, 2x48^3, bf16 channels-last, one thread) the compiled step was 1.10 s against 0.94 s
-    # eager, after 5 min of compiling (docs/bench/roofline.md, bench/compile_speed.py). Not yet
-    # measured on a GPU, where it is expected to pay off for long runs.
+    # (tiny, 2x48^3, bf16 channels-last, one thread) the compiled step was 1.107 s against
+    # 0.950 s eager, after 199 s of compiling (docs/benchmarks.md 2a, bench/compile_speed.py).
+    # Not yet measured on a GPU.
     compile: bool = False
     ema_decay: float = 0.99
     # Cap of the EMA's averaging window (1 / (1 - decay) steps) as a fraction of the planned run,

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from hermes.models.channel_stem import channel_prompt, check_all_channels
 from hermes.models.heads import ModalityHead, PrototypeHead, TaskLogitCalibration
-from hermes.models.priors import ContextPriors, PriorTokens, check_ids, task_validity
+from hermes.models.priors import ContextPriors, PriorTokens, check_ids, task_validity, tracing
 
 
 @dataclass
@@ -105,7 +105,7 @@ class HermesModel(nn.Module):
     ) -> SegmentationOutput:
         check_ids(task_ids, modality_id, self.num_tasks, self.num_modalities)
         valid = task_validity(task_ids, self.priors.null_task_id, task_mask)
-        if not (torch.compiler.is_exporting() or torch.compiler.is_compiling()) and not bool(valid.any(dim=1).all()):
+        if not tracing() and not bool(valid.any(dim=1).all()):
             raise ValueError("every sample needs at least one real (unpadded) task")
         num_tasks = task_ids.shape[1]
         priors = self._select_priors(task_ids, valid, modality_id)

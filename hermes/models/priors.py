@@ -49,6 +49,13 @@ def task_validity(task_ids: Tensor, null_task_id: int, task_mask: Tensor | None 
     return task_mask.bool()
 
 
+def tracing() -> bool:
+    """True under ONNX/torch.export and torch.compile: value checks on tensors are data-dependent
+    there (a graph break each step under compile), so the model skips them; shape checks still
+    hold, and the training loader only produces ids of the model's catalog."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
 def check_ids(task_ids: Tensor, modality_id: Tensor, num_tasks: int, num_modalities: int) -> None:
     """Raise a :class:`ModelError` naming the bad id instead of an opaque indexing error."""
     if task_ids.ndim != 2:
@@ -57,10 +64,7 @@ def check_ids(task_ids: Tensor, modality_id: Tensor, num_tasks: int, num_modalit
         raise ValueError(
             f"modality_id must be (B,) with B={task_ids.shape[0]}, got shape {tuple(modality_id.shape)}"
         )
-    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
-        # ONNX/torch.export/torch.compile: value checks are data-dependent (a graph break each
-        # step under compile); the shape checks above still hold, and the training loader only
-        # produces ids of the model's catalog
+    if tracing():
         return
     if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) > num_tasks):
         raise ModelError(
